@@ -1,0 +1,54 @@
+"""What a dataset hands to the rest of kerasbig: its shape (`DataSpec`) and its splits (`Task`)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import tensorflow as tf
+
+CLASSIFICATION = "classification"
+LANGUAGE_MODEL = "language_model"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """The shape of one task, all a model builder needs to know about its data.
+
+    kind: CLASSIFICATION (one label per example) or LANGUAGE_MODEL (one next-token label per position).
+    input_name: the serving signature's input name, e.g. "image", "tokens", "text".
+    input_shape: one model input example after `Task.preprocess`, e.g. (8, 8, 1) or (seq_len,).
+    input_dtype: the model input dtype, "float32" or "int32".
+    num_classes: classes for classifiers, vocabulary size for language models.
+    class_names: optional human-readable class names (len == num_classes).
+    """
+
+    kind: str
+    input_name: str
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    num_classes: int
+    class_names: tuple[str, ...] | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_shape[0]
+
+
+@dataclasses.dataclass
+class Task:
+    """A dataset split three ways, as unbatched raw `(input, label)` examples.
+
+    Raw inputs are what a serving client sends (digits: 0-16 pixels, shape (8, 8)). `preprocess` maps a
+    *batch* of raw inputs to model inputs; the training pipeline and the SavedModel signature both apply
+    it, so clients never repeat it. `augment(raw_example, seed)` (training only) takes a stateless seed
+    of shape [2] so that augmentation replays exactly after a resume.
+    """
+
+    spec: DataSpec
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    num_examples: dict[str, int]
+    serving_input: tf.TensorSpec  # a batch of raw inputs, e.g. TensorSpec([None, 8, 8], tf.float32, "image")
+    preprocess: Callable[[tf.Tensor], tf.Tensor] = lambda x: x
+    augment: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None

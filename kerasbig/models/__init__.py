@@ -1,0 +1,41 @@
+"""Model builders, one module per family. `build(spec, model_config)` picks one by `model_config.name`.
+
+Every builder is `build_<family>(spec: DataSpec, *, <hyperparameters with defaults>) -> keras.Model`, written
+with `keras.layers`/`keras.ops` only so it runs on every Keras backend, returning float32 logits
+(classification: [batch, num_classes]; language model: [batch, seq_len, vocab]).
+"""
+from __future__ import annotations
+
+import inspect
+
+import keras
+
+from kerasbig.data.spec import DataSpec
+from kerasbig.errors import UsageError
+from kerasbig.models.cnn import build_cnn
+from kerasbig.models.mlp import build_mlp
+
+BUILDERS = {
+    "mlp": build_mlp,
+    "cnn": build_cnn,
+}
+
+
+def hyperparameters(model_config) -> tuple[str, dict]:
+    """Splits `config.model` into the builder name and its keyword arguments, rejecting unknown keys."""
+    kwargs = dict(model_config)
+    name = kwargs.pop("name")
+    if name not in BUILDERS:
+        raise UsageError(f"config.model.name={name!r} is not a model builder; choose one of {sorted(BUILDERS)}")
+    accepted = [p for p in inspect.signature(BUILDERS[name]).parameters if p != "spec"]
+    for key in kwargs:
+        if key not in accepted:
+            raise UsageError(f"config.model.{key} is not a hyperparameter of {name!r}; accepted: {accepted}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return name, kwargs
+
+
+def build(spec: DataSpec, model_config) -> keras.Model:
+    """Builds the model `model_config` names for data shaped by `spec`."""
+    name, kwargs = hyperparameters(model_config)
+    return BUILDERS[name](spec, **kwargs)

@@ -1,0 +1,30 @@
+"""kerasbig: train big Keras 3 models under tf.distribute, watch them in TensorBoard, serve them with TF Serving."""
+from setuptools import find_packages, setup
+
+TF_RANGE = ">=2.20,<2.22"
+
+setup(
+    name="kerasbig",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["kerasbig", "kerasbig.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "keras>=3.10,<4",
+        "tensorboard" + TF_RANGE,
+        "tensorflow-datasets>=4.9,<5",
+        "absl-py>=2.0,<3",
+        "ml-collections>=0.1.1,<2",
+        "scikit-learn>=1.3,<2",
+        "numpy>=1.26,<3",
+    ],
+    extras_require={
+        # TensorFlow comes through an extra so that a CPU machine never pulls the GPU wheel.
+        "cpu": ["tensorflow-cpu" + TF_RANGE],
+        "gpu": ["tensorflow[and-cuda]" + TF_RANGE],
+        "profile": ["tensorboard-plugin-profile>=2.15"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "pytest-timeout>=2.3,<3"],
+    },
+)
