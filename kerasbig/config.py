@@ -1,0 +1,128 @@
+"""The config schema every `configs/*.py` starts from, and the checks that turn bad values into one-line errors.
+
+A config file does `config = kerasbig.config.base(); config.model = ...; return config.lock()`-style edits (see
+configs/digits_cnn.py). Every section and key is declared here with a typed default, so a locked
+ConfigDict rejects unknown keys and wrong types on `--config.a.b=value`; `config.model` alone is free-form
+and checked against the chosen builder's signature.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import ml_collections
+
+from kerasbig.errors import UsageError
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
+DECAYS = ("cosine", "linear", "exponential", "step", "constant")
+
+
+def base() -> ml_collections.ConfigDict:
+    """Every configurable key with its default. Batch sizes are global (summed over all replicas)."""
+    config = ml_collections.ConfigDict()
+    config.data = dict(
+        name="digits",            # digits | text_lm | text_classification | tfds:<name>
+        batch_size=64,            # global batch size
+        eval_batch_size=256,
+        split_seed=0,             # fixes the train/validation/test split, independent of --seed
+        test_fraction=0.2,        # embedded datasets: held out, never used for training or model choice
+        validation_fraction=0.1,
+        augment=False,
+        seq_len=128,              # text datasets
+        source="pydoc_topics",    # text_lm: pydoc_topics | stdlib | both
+        data_dir="",              # tfds: where prepared datasets live ('' = TFDS_DATA_DIR or ~/tensorflow_datasets)
+    )
+    config.model = dict(name="cnn")
+    config.optimizer = dict(
+        name="adamw",
+        learning_rate=1e-3,       # peak rate, reached after warmup
+        weight_decay=1e-4,
+        clip_norm=0.0,            # global gradient-norm clipping across all replicas; 0 = off
+        accumulation_steps=1,     # micro-batches per optimizer step (the global batch is split into them)
+        label_smoothing=0.0,
+        momentum=0.9,             # sgd only
+    )
+    config.schedule = dict(
+        warmup_steps=0,
+        decay="cosine",           # one of DECAYS
+        min_learning_rate=0.0,
+        decay_rate=0.1,           # exponential and step
+        step_size=1000,           # step: multiply by decay_rate every step_size steps
+    )
+    config.train = dict(
+        epochs=10,
+        steps=0,                  # > 0: stop after this many optimizer steps instead of `epochs`
+        steps_per_execution=1,    # optimizer steps per compiled call: fewer host round trips
+        jit_compile=False,        # XLA
+        eval_every_epochs=1,
+        log_every_steps=50,
+        checkpoint_every_steps=0, # 0: at the end of every epoch only
+        keep_checkpoints=3,
+        early_stopping=dict(enabled=False, monitor="val_loss", mode="auto", min_delta=0.0, patience=3,
+                            baseline=ml_collections.config_dict.placeholder(float), start_from_epoch=0,
+                            restore_best_weights=True),
+    )
+    config.export = dict(
+        name="",                  # saved_models/<name>/; '' = the config file's name
+        quantize="",              # '' | int8: also write an int8 version
+        stable_label=True,        # label the newest version 'stable' in saved_models/models.config
+    )
+    return config
+
+
+def _positive(config, key: str, value, minimum=1):
+    if value < minimum:
+        raise UsageError(f"config.{key}={value} must be >= {minimum}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the values that types alone cannot; raises UsageError naming the key and what is accepted."""
+    _positive(config, "data.batch_size", config.data.batch_size)
+    _positive(config, "data.eval_batch_size", config.data.eval_batch_size)
+    if config.train.steps == 0:
+        _positive(config, "train.epochs", config.train.epochs)
+    _positive(config, "train.steps", config.train.steps, 0)
+    _positive(config, "train.steps_per_execution", config.train.steps_per_execution)
+    _positive(config, "train.eval_every_epochs", config.train.eval_every_epochs)
+    _positive(config, "train.log_every_steps", config.train.log_every_steps)
+    _positive(config, "train.keep_checkpoints", config.train.keep_checkpoints)
+    _positive(config, "optimizer.accumulation_steps", config.optimizer.accumulation_steps)
+    if config.optimizer.name not in OPTIMIZERS:
+        raise UsageError(f"config.optimizer.name={config.optimizer.name!r} is not one of {list(OPTIMIZERS)}")
+    if not config.optimizer.learning_rate > 0:
+        raise UsageError(f"config.optimizer.learning_rate={config.optimizer.learning_rate} must be > 0")
+    if config.schedule.decay not in DECAYS:
+        raise UsageError(f"config.schedule.decay={config.schedule.decay!r} is not one of {list(DECAYS)}")
+    if config.export.quantize not in ("", "int8"):
+        raise UsageError(f"config.export.quantize={config.export.quantize!r} must be '' or 'int8'")
+    if config.data.batch_size % config.optimizer.accumulation_steps:
+        raise UsageError(f"config.data.batch_size={config.data.batch_size} must be divisible by "
+                         f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}")
+
+
+def check_batch(config: ml_collections.ConfigDict, *, train_examples: int, replicas: int) -> None:
+    """The global batch must fit the training set and split evenly over replicas and micro-batches."""
+    batch = config.data.batch_size
+    if batch > train_examples:
+        raise UsageError(f"config.data.batch_size={batch} is larger than the training set ({train_examples} "
+                         "examples); use a smaller batch")
+    for name, size in (("data.batch_size", batch), ("data.eval_batch_size", config.data.eval_batch_size)):
+        if size % replicas:
+            raise UsageError(f"config.{name}={size} is not divisible by the {replicas} replicas; "
+                             f"use a multiple of {replicas}")
+    micro = batch // replicas
+    if micro % config.optimizer.accumulation_steps:
+        raise UsageError(f"per-replica batch {micro} is not divisible by config.optimizer.accumulation_steps="
+                         f"{config.optimizer.accumulation_steps}")
+
+
+def save_json(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
+    """Writes the resolved config atomically."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())

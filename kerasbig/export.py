@@ -1,0 +1,141 @@
+"""SavedModel export that TF Serving loads as it is.
+
+`saved_models/<name>/<N>/` holds `saved_model.pb`, `variables/`, `assets.extra/tf_serving_warmup_requests` and
+`assets.extra/kerasbig.json`. A version is written to a hidden temporary folder, verified by loading it in a
+fresh process, and only then renamed into place, so TF Serving never sees half a version.
+`saved_models/models.config` (TF Serving's `--model_config_file`) is rewritten atomically after each export.
+
+Verification entry point (run by `export` itself): `python -m kerasbig.export SAVED_MODEL_DIR SAMPLES.npz`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from kerasbig.data.spec import CLASSIFICATION, Task
+from kerasbig.errors import RunError
+
+WARMUP_EXAMPLES = 8
+
+
+def serving_function(model: keras.Model, task: Task):
+    """`serving_default`: raw named input -> preprocess -> model -> named float32 outputs."""
+
+    @tf.function(input_signature=[task.serving_input])
+    def serve(raw):
+        logits = tf.cast(model(task.preprocess(raw), training=False), tf.float32)
+        if task.spec.kind == CLASSIFICATION:
+            return {"probabilities": tf.nn.softmax(logits), "classes": tf.argmax(logits, -1)}
+        return {"logits": logits[:, -1, :]}  # language models: the next token's logits
+    return serve
+
+
+def next_version(base: pathlib.Path) -> int:
+    versions = [int(p.name) for p in base.glob("*") if p.name.isdigit()] if base.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def sample_inputs(task: Task, n: int = WARMUP_EXAMPLES) -> np.ndarray:
+    """A few real test inputs, for warmup requests and the fresh-process check."""
+    return np.stack([x.numpy() for x, _ in task.test.take(n)])
+
+
+def _write_warmup(path: pathlib.Path, name: str, input_name: str, samples: np.ndarray) -> None:
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=name, signature_name="serving_default"))
+    request.inputs[input_name].CopyFrom(tf.make_tensor_proto(samples))
+    log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        writer.write(log.SerializeToString())
+
+
+def _verify_in_fresh_process(directory: pathlib.Path, samples: np.ndarray, expected: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = pathlib.Path(tmp) / "samples.npz"
+        np.savez(npz, __input__=samples, **expected)
+        result = subprocess.run([sys.executable, "-m", "kerasbig.export", str(directory), str(npz)],
+                                capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RunError(f"the exported SavedModel failed its check in a fresh process: "
+                       f"{(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+
+
+def write_models_config(base: pathlib.Path, *, stable_label: bool = True) -> pathlib.Path:
+    """TF Serving's ModelServerConfig for every model under `base`, as mounted at /models in its container."""
+    config = model_server_config_pb2.ModelServerConfig()
+    for model_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+        if not versions:
+            continue
+        entry = config.model_config_list.config.add(name=model_dir.name, base_path=f"/models/{model_dir.name}",
+                                                    model_platform="tensorflow")
+        entry.model_version_policy.specific.versions.extend(versions[-2:])
+        if stable_label:
+            entry.version_labels["stable"] = versions[-1]
+    path = base / "models.config"
+    tmp = base / ".models.config.tmp"
+    tmp.write_text(text_format.MessageToString(config))
+    tmp.replace(path)
+    return path
+
+
+def export(model: keras.Model, task: Task, *, base: pathlib.Path, name: str, record: dict,
+           stable_label: bool = True) -> pathlib.Path:
+    """Writes the next version of `name` under `base`; returns its folder. `record` goes to kerasbig.json."""
+    model_base = base / name
+    model_base.mkdir(parents=True, exist_ok=True)
+    version = next_version(model_base)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_base))
+    try:
+        serve = serving_function(model, task)
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint("serving_default", serve)
+        archive.write_out(str(tmp), verbose=False)
+        samples = sample_inputs(task)
+        extra = tmp / "assets.extra"
+        extra.mkdir()
+        _write_warmup(extra / "tf_serving_warmup_requests", name, task.serving_input.name, samples)
+        versions = {"keras": keras.__version__, "tensorflow": tf.__version__, "python": sys.version.split()[0]}
+        (extra / "kerasbig.json").write_text(json.dumps({**record, "versions": versions}, indent=2, default=str))
+        expected = {k: v.numpy() for k, v in serve(tf.constant(samples, task.serving_input.dtype)).items()}
+        _verify_in_fresh_process(tmp, samples, expected)
+        final = model_base / str(version)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_models_config(base, stable_label=stable_label)
+    return final
+
+
+def _check(directory: str, samples_path: str) -> None:
+    """Loads a SavedModel as TF Serving would and compares `serving_default` with the expected outputs."""
+    with np.load(samples_path) as data:
+        samples, expected = data["__input__"], {k: data[k] for k in data.files if k != "__input__"}
+    signature = tf.saved_model.load(directory).signatures["serving_default"]
+    input_name = next(iter(signature.structured_input_signature[1]))
+    outputs = signature(**{input_name: tf.constant(samples)})
+    for key, want in expected.items():
+        got = outputs[key].numpy()
+        if got.dtype != want.dtype or not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+            sys.exit(f"output {key!r} differs from the trained model's (max abs diff "
+                     f"{np.max(np.abs(got.astype(np.float64) - want)):.3g}, dtypes {got.dtype}/{want.dtype})")
+    for key, value in outputs.items():
+        if value.dtype not in (tf.float32, tf.int64):
+            sys.exit(f"output {key!r} has dtype {value.dtype.name}; serving outputs must be float32 or int64")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _check(*sys.argv[1:3])

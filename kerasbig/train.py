@@ -1,0 +1,264 @@
+"""`python -m kerasbig.train`: config -> data -> model -> train (resuming) -> evaluate -> export.
+
+    python -m kerasbig.train --config=configs/gpt_small.py --config.train.epochs=3 --strategy=mirrored
+
+Exit codes: 0 done; 2 bad flags or config (one line on stderr); 1 failure at run time (one line; --verbose
+for the traceback).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the console
+
+import json
+import pathlib
+import sys
+import tempfile
+import traceback
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+MODES = ("train_and_export", "train", "eval", "export", "dry_run")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+DEFAULT_CONFIG = REPO / "configs" / "digits_cnn.py"
+
+flags.DEFINE_string("workdir", None, "Run folder (default logs/<config name>); rerunning resumes from it.")
+flags.DEFINE_string("export_dir", None, "Base folder of SavedModel versions (default saved_models/<model name>).")
+flags.DEFINE_string("mode", "train_and_export", f"One of {', '.join(MODES)}.")
+flags.DEFINE_string("strategy", "auto", "auto, one_device, mirrored, multi_worker or tpu.")
+flags.DEFINE_string("tpu", "", "TPU name or grpc:// address for TPUClusterResolver.")
+flags.DEFINE_integer("num_cpu_replicas", 0, "Split the CPU into N logical devices (MirroredStrategy without GPUs).")
+flags.DEFINE_string("mixed_precision", "float32", f"One of {', '.join(PRECISIONS)}.")
+flags.DEFINE_integer("seed", 0, "Seed for weights, dropout, shuffling and augmentation.")
+flags.DEFINE_boolean("deterministic", False, "Make TensorFlow ops deterministic (slower).")
+flags.DEFINE_boolean("verbose", False, "Print tracebacks of failures.")
+FLAGS = flags.FLAGS
+
+from kerasbig.errors import RunError, UsageError  # noqa: E402  (after the flags: absl parses them first)
+
+
+def fail(code: int, message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _config_error(err: Exception, argv: list[str]) -> str:
+    """One line for a config that failed to load or an override that does not fit it."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    path = pathlib.Path((given[-1] if given else str(DEFAULT_CONFIG)).split(":")[0])
+    if not path.is_file():
+        return f"--config: {path} does not exist; choose one of {sorted(p.name for p in (REPO / 'configs').glob('*.py'))}"
+    key = str(err).strip("'\" ")
+    overrides = [a.split("=")[0][2:] for a in argv if a.startswith("--config.")]
+    for flag in overrides:
+        if key in flag.split("."):
+            return f"--{flag}: unknown config key {key!r}; the keys of {path.name} are printed at the start of a run"
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"--config={path}: {message} (a config file must define get_config() returning a ConfigDict)"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with errors as one line and exit code 2 instead of a usage dump."""
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as err:
+        fail(2, str(err).strip().splitlines()[0])
+    except Exception as err:  # config_flags raises plain exceptions for broken configs and unknown keys
+        fail(2, _config_error(err, argv))
+    try:
+        FLAGS.config.keys()  # config_flags reports a file that failed to load only on first use
+    except Exception as err:
+        fail(2, _config_error(err, argv))
+    checks = (("mode", MODES), ("mixed_precision", PRECISIONS))
+    for name, accepted in checks:
+        if FLAGS[name].value not in accepted:
+            fail(2, f"--{name}={FLAGS[name].value!r} is not one of {list(accepted)}")
+    from kerasbig.distribute import STRATEGIES
+    if FLAGS.strategy not in STRATEGIES:
+        fail(2, f"--strategy={FLAGS.strategy!r} is not one of {list(STRATEGIES)}")
+    if FLAGS.num_cpu_replicas < 0:
+        fail(2, f"--num_cpu_replicas={FLAGS.num_cpu_replicas} must be >= 0")
+    return rest
+
+
+def config_name() -> str:
+    return pathlib.Path(config_flags.get_config_filename(FLAGS["config"])).stem
+
+
+def writable_dir(path: pathlib.Path, flag: str) -> pathlib.Path:
+    """Creates `path` if needed and proves it can be written, before any work is done."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UsageError(f"{flag}={path} cannot be written ({err.strerror}); choose a writable folder") from None
+    return path
+
+
+def run() -> None:
+    # Heavy imports after flag parsing, so `--help` and bad flags answer at once.
+    import keras
+    import tensorflow as tf
+
+    from kerasbig import config as config_lib, data, distribute, evaluation, export, models
+    from kerasbig.trainer import Preempted, Trainer
+
+    config = FLAGS.config
+    config_lib.validate(config)
+    if FLAGS.num_cpu_replicas > 1:
+        distribute.split_cpu(FLAGS.num_cpu_replicas)
+    keras.utils.set_random_seed(FLAGS.seed)
+    if FLAGS.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_global_policy(FLAGS.mixed_precision)
+
+    strategy = distribute.make(FLAGS.strategy, tpu=FLAGS.tpu, num_cpu_replicas=FLAGS.num_cpu_replicas)
+    chief = distribute.is_chief(strategy)
+    task = data.load_task(config.data)
+    config_lib.check_batch(config, train_examples=task.num_examples["train"], replicas=strategy.num_replicas_in_sync)
+    name = config_name()
+    workdir = pathlib.Path(FLAGS.workdir or REPO / "logs" / name)
+    export_name = config.export.name or name
+    export_base = pathlib.Path(FLAGS.export_dir or REPO / "saved_models")
+    if FLAGS.export_dir:  # --export_dir is the model's own base folder, as DESIGN.md says
+        export_base, export_name = export_base.parent, export_base.name
+
+    if FLAGS.mode == "dry_run":
+        from kerasbig.models import sizing
+        estimate = sizing.estimate(task.spec, config.model, batch_per_replica=config.data.batch_size //
+                                   strategy.num_replicas_in_sync, precision=FLAGS.mixed_precision,
+                                   optimizer=config.optimizer.name)
+        print(estimate.format())
+        return
+
+    with strategy.scope():
+        model = models.build(task.spec, config.model)
+        optimizer = make_optimizer(config, keras)
+    if chief:
+        writable_dir(workdir, "--workdir")
+        if FLAGS.mode in ("train_and_export", "export"):
+            writable_dir(export_base, "--export_dir")
+        print(f"Config {name}:\n{config}")
+        config_lib.save_json(config, workdir / "config.json")
+    print(f"Strategy {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
+          f"model {model.name} with {model.count_params():,} parameters; "
+          f"{task.num_examples['train']} training examples")
+
+    trainer = Trainer(model, optimizer, task, strategy, config, workdir, is_chief=chief, seed=FLAGS.seed)
+    callbacks = make_callbacks(config, workdir if chief else None, task=task, total_steps=trainer.total_steps,
+                               replicas=strategy.num_replicas_in_sync, flops_per_step=None)
+    if FLAGS.mode in ("train", "train_and_export"):
+        try:
+            trainer.fit(callbacks)
+        except Preempted as stop:
+            print(f"Preempted: saved step {stop.step} to {workdir / 'checkpoints'}; rerun the same command to resume.")
+            return
+    elif trainer.restore(callbacks) is None:
+        raise RunError(f"no checkpoint in {workdir / 'checkpoints'}; train first (--mode=train) or pass the "
+                       "--workdir of a trained run")
+
+    metrics_path = workdir / "metrics.json"
+    if FLAGS.mode in ("train", "train_and_export", "eval"):
+        sums, labels, predictions = trainer.evaluate("test")
+        metrics = evaluation.metrics(task.spec.kind, sums, labels, predictions, task.spec.num_classes)
+        print(f"Test: {evaluation.summary_line(metrics)}")
+        if chief:
+            tmp = metrics_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"split": "test", **metrics}, indent=2))
+            tmp.replace(metrics_path)
+    print(f"Logs: {workdir}  (tensorboard --logdir {workdir.parent})")
+
+    if FLAGS.mode in ("train_and_export", "export") and chief:
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+        record = {"config": config_lib.to_dict(config), "config_name": name, "metrics": metrics,
+                  "step": int(optimizer.iterations.numpy()), "mixed_precision": FLAGS.mixed_precision}
+        path = export.export(model, task, base=export_base, name=export_name, record=record,
+                             stable_label=config.export.stable_label)
+        print(f"SavedModel: {path}  (verified in a fresh process; serve with TF Serving or python -m kerasbig.serve)")
+
+
+def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: int, replicas: int,
+                   flops_per_step: float | None) -> list:
+    """The callbacks of a run: learning-rate schedule, early stopping, throughput and TensorBoard.
+    `workdir` is None on non-chief workers, which write no logs."""
+    import keras
+
+    from kerasbig.callbacks import EarlyStopping, LearningRateScheduler, Throughput, WarmupDecay, peak_flops_per_device
+    from kerasbig.data.spec import LANGUAGE_MODEL
+
+    train_logs = str(workdir / "train") if workdir else None
+    schedule = config.schedule
+    decay_steps = max(1, total_steps - schedule.warmup_steps)
+    callbacks = [LearningRateScheduler(
+        WarmupDecay(config.optimizer.learning_rate, warmup_steps=schedule.warmup_steps, decay=schedule.decay,
+                    decay_steps=decay_steps, min_learning_rate=schedule.min_learning_rate,
+                    decay_rate=schedule.decay_rate, step_size=schedule.step_size),
+        log_dir=train_logs, log_every_steps=config.train.log_every_steps)]
+    if config.train.early_stopping.enabled:
+        stop = config.train.early_stopping
+        callbacks.append(EarlyStopping(stop.monitor, stop.mode, stop.min_delta, stop.patience, stop.baseline,
+                                       stop.start_from_epoch, stop.restore_best_weights, verbose=1))
+    batch = config.data.batch_size
+    tokens = batch * task.spec.seq_len if task.spec.kind == LANGUAGE_MODEL else None
+    peak = peak_flops_per_device()
+    callbacks.append(Throughput(batch, tokens, flops_per_step, peak * replicas if peak else None,
+                                log_dir=train_logs, log_every_steps=config.train.log_every_steps))
+    if workdir is not None:
+        callbacks.append(keras.callbacks.TensorBoard(str(workdir), update_freq="epoch"))
+    return callbacks
+
+
+def make_optimizer(config, keras):
+    """The optimizer `config.optimizer` names; the learning-rate schedule is attached by its callback."""
+    opt = config.optimizer
+    common = dict(learning_rate=opt.learning_rate)
+    if opt.name == "sgd":
+        optimizer = keras.optimizers.SGD(momentum=opt.momentum, **common)
+    elif opt.name == "adam":
+        optimizer = keras.optimizers.Adam(**common)
+    elif opt.name == "lion":
+        optimizer = keras.optimizers.Lion(weight_decay=opt.weight_decay or None, **common)
+    else:
+        optimizer = keras.optimizers.AdamW(weight_decay=opt.weight_decay, **common)
+    if FLAGS.mixed_precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        fail(2, f"unexpected arguments {argv[1:]}; every option is a --flag")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        run()
+    except UsageError as err:
+        fail(2, str(err))
+    except RunError as err:
+        if FLAGS.verbose:
+            traceback.print_exc()
+        fail(1, str(err))
+    except KeyboardInterrupt:
+        fail(1, "interrupted; rerun the same command to resume from the last checkpoint")
+    except Exception as err:  # anything unexpected: one line, the traceback with --verbose
+        if FLAGS.verbose:
+            traceback.print_exc()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        fail(1, f"{type(err).__name__}: {first} (rerun with --verbose for the traceback)")
+
+
+def define_config_flag() -> None:
+    """`--config`; config_flags loads the default file and checks overrides already while defining it."""
+    try:
+        config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG),
+                                        "Config file configs/NAME.py[:arg]; override keys with --config.a.b=value.")
+    except Exception as err:
+        fail(2, _config_error(err, sys.argv))
+
+
+if __name__ == "__main__":
+    define_config_flag()
+    app.run(main, flags_parser=parse_flags)

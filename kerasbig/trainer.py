@@ -1,0 +1,279 @@
+"""kerasbig's training loop: `strategy.run` steps inside compiled multi-step calls, driving Keras callbacks.
+
+Why a loop of our own rather than `model.fit`: Keras 3's `fit` fails under MultiWorkerMirroredStrategy
+(keras-team/keras#20585); `BackupAndRestore` only resumes at epoch starts, and we resume at the exact step;
+and Keras clips gradients per replica before the all-reduce, so global-norm clipping would see only a part
+of the gradient. The same loop runs on one device, Mirrored, MultiWorkerMirrored and TPU strategies, and
+any `keras.callbacks.Callback` works in it as in `fit`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import signal
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from kerasbig.checkpoint import Checkpoints
+from kerasbig.data import pipeline
+from kerasbig.data.spec import LANGUAGE_MODEL, Task
+from kerasbig.errors import RunError
+
+
+def per_example_loss(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float = 0.0) -> tf.Tensor:
+    """Cross-entropy per example (or per token) from integer labels, with optional label smoothing,
+    without materialising one-hot labels (vocabularies can be large)."""
+    logits = tf.cast(logits, tf.float32)
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    if label_smoothing:
+        uniform = tf.reduce_logsumexp(logits, -1) - tf.reduce_mean(logits, -1)
+        loss = (1 - label_smoothing) * loss + label_smoothing * uniform
+    return loss
+
+
+def _already_reduced(grads_and_vars):
+    return grads_and_vars
+
+
+@dataclasses.dataclass
+class Sums:
+    """Running sums of one phase (train or eval); their ratios are the logged metrics."""
+    loss: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+
+    def add(self, values) -> None:
+        self.loss += float(values[0])
+        self.correct += float(values[1])
+        self.count += float(values[2])
+
+    def logs(self, prefix: str = "") -> dict[str, float]:
+        if not self.count:
+            return {}
+        return {prefix + "loss": self.loss / self.count, prefix + "accuracy": self.correct / self.count}
+
+
+class Trainer:
+    """Trains `model` on `task` under `strategy`; checkpoints to `workdir/checkpoints` and resumes from it."""
+
+    def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, task: Task,
+                 strategy: tf.distribute.Strategy, config, workdir: pathlib.Path, *, is_chief: bool = True,
+                 seed: int = 0):
+        self.model, self.optimizer, self.task, self.strategy = model, optimizer, task, strategy
+        self.config, self.workdir, self.is_chief, self.seed = config, workdir, is_chief, seed
+        self.global_batch = config.data.batch_size
+        self.steps_per_epoch = pipeline.steps_per_epoch(task, self.global_batch)
+        train = config.train
+        self.total_steps = train.steps or train.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        tokens = task.spec.seq_len if task.spec.kind == LANGUAGE_MODEL else 1
+        self._loss_denominator = float(self.global_batch * tokens)
+        with strategy.scope():
+            optimizer.build(model.trainable_variables)
+        # We all-reduce gradients ourselves (so clipping sees the global gradient); the optimizer must not
+        # sum them a second time.
+        getattr(optimizer, "inner_optimizer", optimizer)._all_reduce_sum_gradients = _already_reduced
+        model.optimizer = optimizer  # what callbacks read, as under fit()
+        self.checkpoints = Checkpoints(workdir / "checkpoints", model=model, optimizer=optimizer,
+                                       keep=train.keep_checkpoints, is_chief=is_chief)
+        self._train_fn = self._make_train_function()
+        self._eval_fn = self._make_eval_function()
+        self._preempted = False
+
+    # ---- compiled functions -------------------------------------------------------------------------
+    def _stats(self, labels, logits, weights):
+        """(loss sum, correct sum, count) of one replica's batch; weights are per example."""
+        loss = per_example_loss(labels, logits, self.config.optimizer.label_smoothing)
+        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
+        weights = tf.broadcast_to(tf.reshape(weights, [-1] + [1] * (len(loss.shape) - 1)), tf.shape(loss))
+        return loss * weights, correct * weights, weights
+
+    def _replica_train_step(self, x, y):
+        model, optimizer = self.model, self.optimizer
+        variables = model.trainable_variables
+        micro_batches = self.config.optimizer.accumulation_steps
+        grads, totals = None, [0.0, 0.0, 0.0]
+        for xs, ys in zip(tf.split(x, micro_batches), tf.split(y, micro_batches)):
+            with tf.GradientTape() as tape:
+                logits = model(xs, training=True)
+                loss_values, correct, count = self._stats(ys, logits, tf.ones(tf.shape(ys)[:1]))
+                loss = tf.reduce_sum(loss_values) / self._loss_denominator
+                scaled = optimizer.scale_loss(loss)
+            step_grads = tape.gradient(scaled, [v.value for v in variables])
+            grads = step_grads if grads is None else [g + s for g, s in zip(grads, step_grads)]
+            totals = [t + tf.reduce_sum(v) for t, v in zip(totals, (loss_values, correct, count))]
+        grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        clip_norm = self.config.optimizer.clip_norm
+        if clip_norm > 0:
+            scale = optimizer.loss_scale_factor if optimizer.loss_scale_factor is not None else 1.0
+            grads, _ = tf.clip_by_global_norm(grads, clip_norm * scale)
+        optimizer.apply(grads, variables)
+        return tf.stack(totals)
+
+    def _make_train_function(self):
+        step = self._replica_train_step
+        if self.config.train.jit_compile:
+            step = tf.function(step, jit_compile=True)
+
+        @tf.function
+        def train(iterator, steps):
+            totals = tf.zeros([3])
+            for _ in tf.range(steps):
+                x, y = next(iterator)
+                totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(step, (x, y)), None)
+            return totals
+        return train
+
+    def _make_eval_function(self):
+        def step(x, y, w):
+            logits = self.model(x, training=False)
+            loss, correct, count = self._stats(y, logits, w)
+            sums = tf.stack([tf.reduce_sum(loss), tf.reduce_sum(correct), tf.reduce_sum(count)])
+            predictions = tf.argmax(logits, -1, output_type=tf.int32)
+            return sums, predictions, y, w
+
+        @tf.function
+        def evaluate(batch):
+            sums, predictions, labels, weights = self.strategy.run(step, batch)
+            gather = lambda t: self.strategy.gather(t, axis=0)
+            return (self.strategy.reduce(tf.distribute.ReduceOp.SUM, sums, None),
+                    gather(predictions), gather(labels), gather(weights))
+        return evaluate
+
+    # ---- data ---------------------------------------------------------------------------------------
+    def _train_iterator(self, epoch: int, skip_batches: int):
+        def dataset_fn(context):
+            return pipeline.train_batches(self.task, global_batch=self.global_batch, epoch=epoch, seed=self.seed,
+                                          skip_batches=skip_batches, context=context)
+        return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+
+    def evaluate(self, split: str) -> tuple[Sums, np.ndarray, np.ndarray]:
+        """Loss and accuracy sums over every example of `split`, plus labels and predicted classes
+        (classifiers; for language models these are per token)."""
+        def dataset_fn(context):
+            return pipeline.eval_batches(self.task, split, global_batch=self.config.data.eval_batch_size,
+                                         context=context)
+        sums, labels, predictions = Sums(), [], []
+        for batch in self.strategy.distribute_datasets_from_function(dataset_fn):
+            batch_sums, batch_predictions, batch_labels, weights = self._eval_fn(batch)
+            sums.add(batch_sums.numpy())
+            keep = weights.numpy() > 0
+            labels.append(batch_labels.numpy()[keep])
+            predictions.append(batch_predictions.numpy()[keep])
+        return sums, np.concatenate(labels), np.concatenate(predictions)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def _save(self, callbacks: list, *, complete: bool = False) -> None:
+        state = {"step": int(self.optimizer.iterations.numpy()), "complete": complete, "callbacks": {}}
+        arrays = {}
+        for callback in callbacks:
+            if hasattr(callback, "get_state"):
+                name = type(callback).__name__
+                state["callbacks"][name] = callback.get_state()
+                if getattr(callback, "best_weights", None) is not None:
+                    arrays[name + ".best_weights"] = callback.best_weights
+        self.checkpoints.save(state["step"], state, arrays)
+
+    def restore(self, callbacks: list = ()) -> dict | None:
+        """Loads the latest checkpoint (and callback states) if there is one; returns its state."""
+        restored = self.checkpoints.restore_latest()
+        if restored is None:
+            return None
+        state, arrays = restored
+        for callback in callbacks:
+            name = type(callback).__name__
+            if name in state["callbacks"]:
+                callback.set_state(state["callbacks"][name])
+                if name + ".best_weights" in arrays:
+                    callback.best_weights = arrays[name + ".best_weights"]
+        return state
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def fit(self, callbacks: list[keras.callbacks.Callback], *, verbose: bool = True) -> dict[str, float]:
+        """Trains to `total_steps`, resuming from the latest checkpoint; returns the last epoch's logs."""
+        state = self.restore(callbacks)
+        if state and state["complete"]:
+            print(f"Training in {self.workdir} is already complete (step {state['step']}); nothing to resume.")
+            return {}
+        step = int(self.optimizer.iterations.numpy())
+        if step:
+            print(f"Resuming from step {step} (epoch {step // self.steps_per_epoch + 1}, "
+                  f"batch {step % self.steps_per_epoch}).")
+        callback_list = keras.callbacks.CallbackList(
+            callbacks, add_history=True, add_progbar=verbose, model=self.model,
+            epochs=self.epochs, steps=self.steps_per_epoch, verbose=1 if verbose else 0)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._on_main_thread() else None
+        try:
+            logs = self._epochs(callback_list, callbacks, step)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        return logs
+
+    def _epochs(self, callback_list, callbacks, step: int) -> dict[str, float]:
+        train = self.config.train
+        spe = train.steps_per_execution
+        callback_list.on_train_begin()
+        logs: dict[str, float] = {}
+        self.model.stop_training = False
+        first_epoch = step // self.steps_per_epoch
+        for epoch in range(first_epoch, self.epochs):
+            position = step - epoch * self.steps_per_epoch
+            epoch_steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+            callback_list.on_epoch_begin(epoch)
+            iterator = self._train_iterator(epoch, position)
+            sums = Sums()
+            while position < epoch_steps and not self.model.stop_training:
+                n = min(spe, epoch_steps - position)
+                callback_list.on_train_batch_begin(position)
+                sums.add(self._train_fn(iterator, tf.constant(n)).numpy())
+                position += n
+                step += n
+                logs = sums.logs()
+                callback_list.on_train_batch_end(position - 1, logs)
+                self._check_finite(callbacks, logs, step)
+                if self._preempted:
+                    self._save(callbacks)
+                    raise Preempted(step)
+                if train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0 and position < epoch_steps:
+                    self._save(callbacks)
+            epoch_complete = position == epoch_steps
+            if epoch_complete and (epoch + 1) % train.eval_every_epochs == 0 or step == self.total_steps:
+                val, _, _ = self.evaluate("validation")
+                logs.update(val.logs("val_"))
+            callback_list.on_epoch_end(epoch, logs)
+            self._check_finite(callbacks, logs, step)
+            if self.model.stop_training:
+                break
+            self._save(callbacks)
+        callback_list.on_train_end(logs)
+        self._save(callbacks, complete=True)
+        return logs
+
+    def _check_finite(self, callbacks, logs: dict, step: int) -> None:
+        if not math.isfinite(logs.get("loss", 0.0)):
+            raise RunError(f"the training loss became {logs['loss']} by step {step}; training stopped and the last "
+                           f"good checkpoint in {self.checkpoints.directory} was kept (lower the learning rate or "
+                           "set --config.optimizer.clip_norm)")
+
+    def _on_sigterm(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint after the current step")
+        self._preempted = True
+
+    @staticmethod
+    def _on_main_thread() -> bool:
+        import threading
+        return threading.current_thread() is threading.main_thread()
+
+
+class Preempted(Exception):
+    """Training was stopped by SIGTERM after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
