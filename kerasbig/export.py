@@ -97,6 +97,11 @@ def export(model: keras.Model, task: Task, *, base: pathlib.Path, name: str, rec
     model_base.mkdir(parents=True, exist_ok=True)
     version = next_version(model_base)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_base))
+    # Serving needs the weights only: detach the optimizer so its state stays out of the SavedModel (`del`,
+    # since assigning None leaves Keras tracking the old one).
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        del model.optimizer
     try:
         serve = serving_function(model, task)
         archive = keras.export.ExportArchive()
@@ -114,6 +119,8 @@ def export(model: keras.Model, task: Task, *, base: pathlib.Path, name: str, rec
         final = model_base / str(version)
         tmp.rename(final)
     finally:
+        if optimizer is not None:
+            model.optimizer = optimizer
         shutil.rmtree(tmp, ignore_errors=True)
     write_models_config(base, stable_label=stable_label)
     return final

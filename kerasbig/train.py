@@ -141,7 +141,7 @@ def run() -> None:
     if chief:
         writable_dir(workdir, "--workdir")
         if FLAGS.mode in ("train_and_export", "export"):
-            writable_dir(export_base, "--export_dir")
+            writable_dir(export_base / export_name, "--export_dir")
         print(f"Config {name}:\n{config}")
         config_lib.save_json(config, workdir / "config.json")
     print(f"Strategy {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "

@@ -1,0 +1,113 @@
+"""`python -m kerasbig.predict`: sends a file of inputs to a TF Serving REST endpoint and prints the predictions.
+
+It speaks only TF Serving's REST API, so it works against TF Serving and `python -m kerasbig.serve` alike:
+
+    python -m kerasbig.predict --server=http://127.0.0.1:8501 --model_name=digits_cnn --input=digits.npy
+    [{"classes":3,"probabilities":[...]},...]
+
+--input is JSON (a TF Serving request body, `{"instances": ...}` or `{"inputs": ...}`, or a bare list of
+instances) or `.npy` (an array whose first axis is the instances). The server's reply, `predictions` or
+`outputs`, is printed as compact JSON. Exit 2: bad flags, or an input file that is missing or unreadable;
+exit 1: the server could not be reached or refused the request (its `error` is shown).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from kerasbig.errors import RunError, UsageError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("server", "http://127.0.0.1:8501", "Base URL of TF Serving's REST API.")
+flags.DEFINE_string("model_name", None, "Model to ask.", required=True)
+flags.DEFINE_integer("version", None, "Model version; the newest when unset.", lower_bound=0)
+flags.DEFINE_string("signature_name", None, "Signature to run; serving_default when unset.")
+flags.DEFINE_string("input", None, "A .json request body or list of instances, or a .npy array.", required=True)
+flags.DEFINE_float("timeout", 60.0, "Seconds to wait for the reply.", lower_bound=0.0)
+flags.register_validator("server", lambda url: url.startswith(("http://", "https://")),
+                         "--server must be an http:// or https:// URL")
+
+
+def read_request(path: Path) -> dict:
+    """The `:predict` request body that `path` holds (see the module docstring for the formats)."""
+    try:
+        if path.suffix == ".npy":
+            return {"instances": np.load(path, allow_pickle=False).tolist()}
+        request = json.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"--input={path}: cannot read it ({e.strerror})") from e
+    except (ValueError, EOFError) as e:  # EOFError: an empty .npy
+        raise UsageError(f"--input={path}: not valid {'.npy' if path.suffix == '.npy' else 'JSON'} ({e})") from e
+    if isinstance(request, list):
+        return {"instances": request}
+    if isinstance(request, dict) and ("instances" in request or "inputs" in request):
+        return request
+    raise UsageError(f"--input={path}: expected a list of instances or an object with 'instances' or 'inputs'")
+
+
+def predict_url(server: str, model_name: str, version: int | None = None) -> str:
+    """TF Serving's predict URL, e.g. http://127.0.0.1:8501/v1/models/digits_cnn/versions/2:predict."""
+    model = urllib.parse.quote(model_name, safe="")
+    return f"{server.rstrip('/')}/v1/models/{model}{'' if version is None else f'/versions/{version}'}:predict"
+
+
+def post_json(url: str, body: dict, timeout: float) -> dict:
+    """POSTs `body` as JSON and returns the JSON reply; a refusal raises RunError with the server's `error`."""
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return json.load(reply)
+    except urllib.error.HTTPError as e:
+        raise RunError(f"{url}: HTTP {e.code}: {_server_error(e)}") from e
+    except OSError as e:  # URLError, refused connections and timeouts
+        raise RunError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from e
+    except ValueError as e:
+        raise RunError(f"{url}: the reply is not JSON ({e})") from e
+
+
+def _server_error(error: urllib.error.HTTPError) -> str:
+    """The `error` of TF Serving's `{"error": ...}` body, else the HTTP reason (a proxy's page, say)."""
+    try:
+        return json.load(error)["error"]
+    except (ValueError, KeyError, TypeError):
+        return error.reason
+
+
+def fail(code: int, message: str) -> None:
+    """kerasbig's command-line failure: one line on stderr, exit 2 for the user's input, 1 at run time."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl exits 1 on a bad flag; kerasbig's commands exit 2 with one line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        fail(2, str(e).strip().splitlines()[0])
+
+
+def main(argv: list[str]) -> None:
+    try:
+        if len(argv) > 1:
+            raise UsageError(f"unexpected arguments {argv[1:]}; pass everything as --flags")
+        request = read_request(Path(FLAGS.input))
+        if FLAGS.signature_name:
+            request["signature_name"] = FLAGS.signature_name
+        reply = post_json(predict_url(FLAGS.server, FLAGS.model_name, FLAGS.version), request, FLAGS.timeout)
+    except UsageError as e:
+        fail(2, str(e))
+    except RunError as e:
+        fail(1, str(e))
+    print(json.dumps(reply["predictions"] if "predictions" in reply else reply["outputs"], separators=(",", ":")))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

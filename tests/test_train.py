@@ -1,0 +1,142 @@
+"""The main job end to end: train -> TensorBoard logs -> metrics -> SavedModel, rerun, resume and export safety."""
+import hashlib
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+QUICK = ["--config=configs/digits_mlp.py", "--config.train.epochs=2", "--config.model.hidden=(64,)",
+         "--config.schedule.warmup_steps=0", "--config.schedule.decay=constant", "--config.optimizer.learning_rate=0.005"]
+
+
+def tree_digest(folder: pathlib.Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def checkpoint_weights(checkpoint_dir: pathlib.Path) -> list[np.ndarray]:
+    reader = tf.train.load_checkpoint(str(checkpoint_dir / "ckpt"))
+    keys = sorted((k for k in reader.get_variable_to_shape_map() if k.startswith("model/")),
+                  key=lambda k: int(k.split("/")[1]))
+    return [reader.get_tensor(k) for k in keys]
+
+
+def latest_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
+    return sorted((workdir / "checkpoints").glob("step-*"))[-1]
+
+
+def test_train_export_serve_and_rerun(train, tmp_path):
+    workdir, models = tmp_path / "run", tmp_path / "saved_models"
+    first = train(*QUICK, f"--workdir={workdir}", f"--export_dir={models / 'digits'}")
+    assert f"Logs: {workdir}" in first.stdout and f"SavedModel: {models / 'digits' / '1'}" in first.stdout
+
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert {"accuracy", "precision", "recall", "f1", "confusion_matrix"} <= metrics.keys()
+    assert metrics["accuracy"] > 0.8 and metrics["examples"] == 360
+    assert json.loads((workdir / "config.json").read_text())["model"]["hidden"] == [64]
+    for split in ("train", "validation"):
+        assert list((workdir / split).glob("events.out.tfevents.*")), split
+    assert latest_checkpoint(workdir).name == "step-00000038"
+
+    version = models / "digits" / "1"
+    assert (version / "saved_model.pb").is_file() and (version / "variables").is_dir()
+    assert (version / "assets.extra" / "tf_serving_warmup_requests").is_file()
+    record = json.loads((version / "assets.extra" / "kerasbig.json").read_text())
+    assert record["metrics"]["accuracy"] == metrics["accuracy"] and record["versions"]["keras"]
+    assert 'name: "digits"' in (models / "models.config").read_text()
+
+    # The signature, as TF Serving sees it, and its predictions on the real test set in a fresh process:
+    # serving-side preprocessing must reproduce training-side preprocessing exactly.
+    shown = subprocess.run([str(pathlib.Path(sys.executable).parent / "saved_model_cli"), "show", "--all",
+                            "--dir", str(version)], capture_output=True, text=True, check=True).stdout
+    assert "inputs['image']" in shown and "outputs['probabilities']" in shown and "outputs['classes']" in shown
+    script = f"""
+import json, numpy as np, tensorflow as tf
+from kerasbig.data.digits import load_digits
+task = load_digits()
+images, labels = zip(*task.test.as_numpy_iterator())
+out = tf.saved_model.load({str(version)!r}).signatures["serving_default"](image=tf.constant(np.stack(images)))
+print(json.dumps({{"accuracy": float(np.mean(out["classes"].numpy() == np.array(labels))),
+                  "dtype": out["probabilities"].dtype.name}}))
+"""
+    served = json.loads(subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                                       check=True).stdout.strip().splitlines()[-1])
+    assert served == {"accuracy": pytest.approx(metrics["accuracy"], abs=1e-9), "dtype": "float32"}
+
+    before = tree_digest(version)
+    second = train(*QUICK, f"--workdir={workdir}", f"--export_dir={models / 'digits'}")
+    assert "already complete" in second.stdout and "Epoch 1/" not in second.stdout
+    assert f"SavedModel: {models / 'digits' / '2'}" in second.stdout
+    assert tree_digest(version) == before
+    assert "versions: 2" in (models / "models.config").read_text()
+
+
+def test_eval_and_export_modes_use_the_latest_checkpoint(train, tmp_path):
+    workdir, models = tmp_path / "run", tmp_path / "saved_models"
+    missing = train(*QUICK, f"--workdir={workdir}", "--mode=eval", check=False)
+    assert missing.returncode == 1 and "no checkpoint" in missing.stderr
+    train(*QUICK, f"--workdir={workdir}", "--mode=train")
+    trained = json.loads((workdir / "metrics.json").read_text())
+    (workdir / "metrics.json").unlink()
+    evaluated = train(*QUICK, f"--workdir={workdir}", "--mode=eval")
+    assert "Test: accuracy" in evaluated.stdout
+    assert json.loads((workdir / "metrics.json").read_text())["accuracy"] == trained["accuracy"]
+    train(*QUICK, f"--workdir={workdir}", "--mode=export", f"--export_dir={models / 'm'}")
+    assert (models / "m" / "1" / "saved_model.pb").is_file()
+
+
+def test_killed_run_resumes_to_the_same_weights(train, tmp_path):
+    """SIGKILL mid-epoch, rerun: the final weights equal an uninterrupted run's (model, optimizer, dropout RNG,
+    augmentation and data position all resume exactly)."""
+    args = ["--config=configs/digits_cnn.py", "--config.model.filters=(8,)", "--config.model.dense=32",
+            "--config.train.epochs=3", "--config.train.checkpoint_every_steps=5", "--config.train.steps_per_execution=1",
+            "--deterministic", "--mode=train"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(*args, f"--workdir={straight}")
+
+    process = subprocess.Popen([sys.executable, "-m", "kerasbig.train", *args, f"--workdir={resumed}"], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (resumed / "checkpoints" / "step-00000025").exists():  # epoch 2 of 3, mid-epoch
+        assert process.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = latest_checkpoint(resumed).name
+    assert killed_at != "step-00000057"
+
+    rerun = train(*args, f"--workdir={resumed}")
+    assert f"Resuming from step {int(killed_at[5:])}" in rerun.stdout
+    for a, b in zip(checkpoint_weights(latest_checkpoint(straight)), checkpoint_weights(latest_checkpoint(resumed))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_interrupted_export_leaves_no_version(tmp_path, monkeypatch):
+    import keras
+
+    from kerasbig import export, models
+    from kerasbig.config import base
+    from kerasbig.data.digits import load_digits
+    from kerasbig.errors import RunError
+
+    task = load_digits()
+    config = base()
+    config.model = dict(name="mlp", hidden=(8,))
+    model = models.build(task.spec, config.model)
+
+    def fail(*_):
+        raise RunError("interrupted")
+    monkeypatch.setattr(export, "_verify_in_fresh_process", fail)
+    with pytest.raises(RunError):
+        export.export(model, task, base=tmp_path, name="digits", record={})
+    assert list((tmp_path / "digits").iterdir()) == []
+    assert isinstance(model, keras.Model)
