@@ -18,6 +18,13 @@ from absl import logging
 PREFIX = "step-"
 
 
+def saved_steps(directory: pathlib.Path) -> list[int]:
+    """The steps of the complete checkpoints under `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name[len(PREFIX):]) for p in directory.glob(PREFIX + "*") if p.name[len(PREFIX):].isdigit())
+
+
 class Checkpoints:
     """Saves and restores `model.variables` + `optimizer.variables` with a state dict and named arrays."""
 
@@ -29,9 +36,7 @@ class Checkpoints:
             model=[v.value for v in model.variables], optimizer=[v.value for v in optimizer.variables])
 
     def steps(self) -> list[int]:
-        if not self.directory.is_dir():
-            return []
-        return sorted(int(p.name[len(PREFIX):]) for p in self.directory.glob(PREFIX + "*") if p.name[len(PREFIX):].isdigit())
+        return saved_steps(self.directory)
 
     def save(self, step: int, state: dict, arrays: dict[str, list[np.ndarray]] | None = None) -> None:
         """Writes checkpoint `step`. Every worker must call this (saving may need collectives); only the
@@ -71,3 +76,14 @@ class Checkpoints:
                 logging.warning("checkpoint %s is unreadable (%s); falling back to the previous one",
                                 path, str(err).splitlines()[0] if str(err) else type(err).__name__)
         return None
+
+
+def load_model_weights(directory: pathlib.Path, model) -> int:
+    """Loads only the model's variables from the newest checkpoint under `directory` (for inference, with no
+    optimizer); returns its step."""
+    steps = saved_steps(pathlib.Path(directory))
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    tf.train.Checkpoint(model=[v.value for v in model.variables]).read(
+        str(pathlib.Path(directory) / f"{PREFIX}{steps[-1]:08d}" / "ckpt")).expect_partial().assert_existing_objects_matched()
+    return steps[-1]

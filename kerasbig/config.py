@@ -126,3 +126,43 @@ def save_json(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
+
+
+GPT_SIZES = {  # width, depth, heads, vocabulary, context: GPT-2's published shapes, and a 6.7B model
+    "gpt2_124m": (768, 12, 12, 50257, 1024),
+    "gpt2_350m": (1024, 24, 16, 50257, 1024),
+    "gpt2_774m": (1280, 36, 20, 50257, 1024),
+    "gpt2_1558m": (1600, 48, 25, 50257, 1024),
+    "gpt_7b": (4096, 32, 32, 50304, 2048),
+}
+
+
+def gpt_pretraining(size: str) -> ml_collections.ConfigDict:
+    """A GPT pre-training config of one of GPT_SIZES, for GPUs and TPUs (`--mode=dry_run` runs anywhere).
+
+    The data default is byte-level CPython source so that it runs as shipped; bytes are a subset of the
+    vocabulary. Point `data.name` at your own tokenized corpus (e.g. `tfds:...`) for real pre-training.
+    """
+    width, depth, heads, vocab, context = GPT_SIZES[size]
+    big = width >= 1280
+    config = base()
+    config.data.name = "text_lm"
+    config.data.source = "stdlib"
+    config.data.seq_len = context
+    config.data.batch_size = 512
+    config.data.eval_batch_size = 64
+    config.model = dict(name="gpt", width=width, depth=depth, heads=heads, mlp_ratio=4, dropout=0.0, bias=True,
+                        vocab_size=vocab)
+    config.optimizer.learning_rate = 3e-4 if big else 6e-4
+    config.optimizer.weight_decay = 0.1
+    config.optimizer.clip_norm = 1.0
+    config.optimizer.accumulation_steps = 8 if big else 4
+    config.schedule.warmup_steps = 2000
+    config.schedule.min_learning_rate = 6e-5
+    config.train.steps = 600_000
+    config.train.steps_per_execution = 100
+    config.train.jit_compile = True
+    config.train.log_every_steps = 100
+    config.train.checkpoint_every_steps = 5000
+    config.export.name = size
+    return config

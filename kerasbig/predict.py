@@ -13,15 +13,15 @@ exit 1: the server could not be reached or refused the request (its `error` is s
 from __future__ import annotations
 
 import json
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from kerasbig import cli
 from kerasbig.errors import RunError, UsageError
 
 FLAGS = flags.FLAGS
@@ -80,34 +80,13 @@ def _server_error(error: urllib.error.HTTPError) -> str:
         return error.reason
 
 
-def fail(code: int, message: str) -> None:
-    """kerasbig's command-line failure: one line on stderr, exit 2 for the user's input, 1 at run time."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl exits 1 on a bad flag; kerasbig's commands exit 2 with one line."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        fail(2, str(e).strip().splitlines()[0])
-
-
-def main(argv: list[str]) -> None:
-    try:
-        if len(argv) > 1:
-            raise UsageError(f"unexpected arguments {argv[1:]}; pass everything as --flags")
-        request = read_request(Path(FLAGS.input))
-        if FLAGS.signature_name:
-            request["signature_name"] = FLAGS.signature_name
-        reply = post_json(predict_url(FLAGS.server, FLAGS.model_name, FLAGS.version), request, FLAGS.timeout)
-    except UsageError as e:
-        fail(2, str(e))
-    except RunError as e:
-        fail(1, str(e))
+def main() -> None:
+    request = read_request(Path(FLAGS.input))
+    if FLAGS.signature_name:
+        request["signature_name"] = FLAGS.signature_name
+    reply = post_json(predict_url(FLAGS.server, FLAGS.model_name, FLAGS.version), request, FLAGS.timeout)
     print(json.dumps(reply["predictions"] if "predictions" in reply else reply["outputs"], separators=(",", ":")))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main)

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import json
 import re
-import sys
 import threading
 import traceback
 from http import HTTPStatus
@@ -29,12 +28,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 from google.protobuf import json_format, text_format
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from kerasbig import cli
 from kerasbig.errors import RunError, UsageError
 
 FLAGS = flags.FLAGS
@@ -369,31 +369,10 @@ def serve(repository: Repository, host: str, port: int, max_request_bytes: int) 
             pass
 
 
-def fail(code: int, message: str) -> None:
-    """kerasbig's command-line failure: one line on stderr, exit 2 for the user's input, 1 at run time."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl exits 1 on a bad flag; kerasbig's commands exit 2 with one line."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        fail(2, str(e).strip().splitlines()[0])
-
-
-def main(argv: list[str]) -> None:
-    try:
-        if len(argv) > 1:
-            raise UsageError(f"unexpected arguments {argv[1:]}; pass everything as --flags")
-        repository = open_repository(Path(FLAGS.model_base_path), FLAGS.model_name)
-        serve(repository, FLAGS.host, FLAGS.rest_api_port, FLAGS.max_request_bytes)
-    except UsageError as e:
-        fail(2, str(e))
-    except RunError as e:
-        fail(1, str(e))
+def main() -> None:
+    repository = open_repository(Path(FLAGS.model_base_path), FLAGS.model_name)
+    serve(repository, FLAGS.host, FLAGS.rest_api_port, FLAGS.max_request_bytes)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main)

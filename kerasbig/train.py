@@ -7,18 +7,22 @@ for the traceback).
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the console
-
 import json
 import pathlib
 import sys
 import tempfile
-import traceback
 
-from absl import app, flags, logging
+import keras
+import tensorflow as tf
+from absl import flags, logging
 from ml_collections import config_flags
+
+from kerasbig import cli, config as config_lib, data, distribute, evaluation, export, models
+from kerasbig.callbacks import EarlyStopping, LearningRateScheduler, Throughput, WarmupDecay, peak_flops_per_device
+from kerasbig.data.spec import LANGUAGE_MODEL
+from kerasbig.errors import RunError, UsageError
+from kerasbig.models import sizing
+from kerasbig.trainer import Preempted, Trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MODES = ("train_and_export", "train", "eval", "export", "dry_run")
@@ -34,15 +38,7 @@ flags.DEFINE_integer("num_cpu_replicas", 0, "Split the CPU into N logical device
 flags.DEFINE_string("mixed_precision", "float32", f"One of {', '.join(PRECISIONS)}.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, dropout, shuffling and augmentation.")
 flags.DEFINE_boolean("deterministic", False, "Make TensorFlow ops deterministic (slower).")
-flags.DEFINE_boolean("verbose", False, "Print tracebacks of failures.")
 FLAGS = flags.FLAGS
-
-from kerasbig.errors import RunError, UsageError  # noqa: E402  (after the flags: absl parses them first)
-
-
-def fail(code: int, message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def _config_error(err: Exception, argv: list[str]) -> str:
@@ -61,26 +57,18 @@ def _config_error(err: Exception, argv: list[str]) -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with errors as one line and exit code 2 instead of a usage dump."""
+    """kerasbig's flag parsing, plus the config file's errors (config_flags raises plain exceptions, and reports a
+    file that failed to load only on first use) as one line and exit 2."""
     try:
-        rest = FLAGS(argv)
-    except flags.Error as err:
-        fail(2, str(err).strip().splitlines()[0])
-    except Exception as err:  # config_flags raises plain exceptions for broken configs and unknown keys
-        fail(2, _config_error(err, argv))
-    try:
-        FLAGS.config.keys()  # config_flags reports a file that failed to load only on first use
+        rest = cli.parse_flags(argv)
+        FLAGS.config.keys()
     except Exception as err:
-        fail(2, _config_error(err, argv))
-    checks = (("mode", MODES), ("mixed_precision", PRECISIONS))
-    for name, accepted in checks:
+        cli.fail(2, _config_error(err, argv))
+    for name, accepted in (("mode", MODES), ("mixed_precision", PRECISIONS), ("strategy", distribute.STRATEGIES)):
         if FLAGS[name].value not in accepted:
-            fail(2, f"--{name}={FLAGS[name].value!r} is not one of {list(accepted)}")
-    from kerasbig.distribute import STRATEGIES
-    if FLAGS.strategy not in STRATEGIES:
-        fail(2, f"--strategy={FLAGS.strategy!r} is not one of {list(STRATEGIES)}")
+            cli.fail(2, f"--{name}={FLAGS[name].value!r} is not one of {list(accepted)}")
     if FLAGS.num_cpu_replicas < 0:
-        fail(2, f"--num_cpu_replicas={FLAGS.num_cpu_replicas} must be >= 0")
+        cli.fail(2, f"--num_cpu_replicas={FLAGS.num_cpu_replicas} must be >= 0")
     return rest
 
 
@@ -100,13 +88,7 @@ def writable_dir(path: pathlib.Path, flag: str) -> pathlib.Path:
 
 
 def run() -> None:
-    # Heavy imports after flag parsing, so `--help` and bad flags answer at once.
-    import keras
-    import tensorflow as tf
-
-    from kerasbig import config as config_lib, data, distribute, evaluation, export, models
-    from kerasbig.trainer import Preempted, Trainer
-
+    logging.set_verbosity(logging.WARNING)
     config = FLAGS.config
     config_lib.validate(config)
     if FLAGS.num_cpu_replicas > 1:
@@ -127,17 +109,18 @@ def run() -> None:
     if FLAGS.export_dir:  # --export_dir is the model's own base folder, as DESIGN.md says
         export_base, export_name = export_base.parent, export_base.name
 
+    # Activations are held for one micro-batch at a time: the per-replica batch over accumulation steps.
+    micro_batch = config.data.batch_size // strategy.num_replicas_in_sync // config.optimizer.accumulation_steps
+    estimate = sizing.estimate(task.spec, config.model, batch_per_replica=micro_batch,
+                               precision=FLAGS.mixed_precision, optimizer=config.optimizer.name)
     if FLAGS.mode == "dry_run":
-        from kerasbig.models import sizing
-        estimate = sizing.estimate(task.spec, config.model, batch_per_replica=config.data.batch_size //
-                                   strategy.num_replicas_in_sync, precision=FLAGS.mixed_precision,
-                                   optimizer=config.optimizer.name)
-        print(estimate.format())
+        print(f"{name}: {strategy.num_replicas_in_sync} replica(s), global batch {config.data.batch_size}, "
+              f"{config.optimizer.accumulation_steps} accumulation step(s)\n{estimate.format()}")
         return
 
     with strategy.scope():
         model = models.build(task.spec, config.model)
-        optimizer = make_optimizer(config, keras)
+        optimizer = make_optimizer(config)
     if chief:
         writable_dir(workdir, "--workdir")
         if FLAGS.mode in ("train_and_export", "export"):
@@ -150,7 +133,8 @@ def run() -> None:
 
     trainer = Trainer(model, optimizer, task, strategy, config, workdir, is_chief=chief, seed=FLAGS.seed)
     callbacks = make_callbacks(config, workdir if chief else None, task=task, total_steps=trainer.total_steps,
-                               replicas=strategy.num_replicas_in_sync, flops_per_step=None)
+                               replicas=strategy.num_replicas_in_sync,
+                               flops_per_step=estimate.train_flops_per_example * config.data.batch_size)
     if FLAGS.mode in ("train", "train_and_export"):
         try:
             trainer.fit(callbacks)
@@ -185,11 +169,6 @@ def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: i
                    flops_per_step: float | None) -> list:
     """The callbacks of a run: learning-rate schedule, early stopping, throughput and TensorBoard.
     `workdir` is None on non-chief workers, which write no logs."""
-    import keras
-
-    from kerasbig.callbacks import EarlyStopping, LearningRateScheduler, Throughput, WarmupDecay, peak_flops_per_device
-    from kerasbig.data.spec import LANGUAGE_MODEL
-
     train_logs = str(workdir / "train") if workdir else None
     schedule = config.schedule
     decay_steps = max(1, total_steps - schedule.warmup_steps)
@@ -212,7 +191,7 @@ def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: i
     return callbacks
 
 
-def make_optimizer(config, keras):
+def make_optimizer(config) -> keras.optimizers.Optimizer:
     """The optimizer `config.optimizer` names; the learning-rate schedule is attached by its callback."""
     opt = config.optimizer
     common = dict(learning_rate=opt.learning_rate)
@@ -229,36 +208,15 @@ def make_optimizer(config, keras):
     return optimizer
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        fail(2, f"unexpected arguments {argv[1:]}; every option is a --flag")
-    logging.set_verbosity(logging.WARNING)
-    try:
-        run()
-    except UsageError as err:
-        fail(2, str(err))
-    except RunError as err:
-        if FLAGS.verbose:
-            traceback.print_exc()
-        fail(1, str(err))
-    except KeyboardInterrupt:
-        fail(1, "interrupted; rerun the same command to resume from the last checkpoint")
-    except Exception as err:  # anything unexpected: one line, the traceback with --verbose
-        if FLAGS.verbose:
-            traceback.print_exc()
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        fail(1, f"{type(err).__name__}: {first} (rerun with --verbose for the traceback)")
-
-
 def define_config_flag() -> None:
     """`--config`; config_flags loads the default file and checks overrides already while defining it."""
     try:
         config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG),
                                         "Config file configs/NAME.py[:arg]; override keys with --config.a.b=value.")
     except Exception as err:
-        fail(2, _config_error(err, sys.argv))
+        cli.fail(2, _config_error(err, sys.argv))
 
 
 if __name__ == "__main__":
     define_config_flag()
-    app.run(main, flags_parser=parse_flags)
+    cli.run(run, flags_parser=parse_flags)

@@ -139,7 +139,7 @@ class LearningRateScheduler(keras.callbacks.Callback):
         self._last_written_step = None
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations)
+        step = int(self.model.optimizer.iterations.numpy())
         rate = float(self.schedule(step))
         if logs is not None:
             logs["learning_rate"] = rate
@@ -151,7 +151,7 @@ class LearningRateScheduler(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs["learning_rate"] = float(self.schedule(int(self.model.optimizer.iterations)))
+            logs["learning_rate"] = float(self.schedule(int(self.model.optimizer.iterations.numpy())))
 
     def on_train_end(self, logs=None):
         if self._writer:

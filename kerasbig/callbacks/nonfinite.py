@@ -37,6 +37,6 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is None or math.isfinite(loss):
             return
-        self.bad_step = int(self.model.optimizer.iterations)
+        self.bad_step = int(self.model.optimizer.iterations.numpy())
         self.message = f"loss became {loss} by global step {self.bad_step}; training stopped"
         self.model.stop_training = True

@@ -106,7 +106,7 @@ class Throughput(keras.callbacks.Callback):
         self._epoch_start = False
 
     def on_train_batch_end(self, batch, logs=None):
-        now, step = time.perf_counter(), int(self.model.optimizer.iterations)
+        now, step = time.perf_counter(), int(self.model.optimizer.iterations.numpy())
         if self._last is not None and step > self._last[1]:
             steps, seconds = step - self._last[1], now - self._last[0]
             if logs is not None:

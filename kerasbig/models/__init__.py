@@ -13,11 +13,19 @@ import keras
 from kerasbig.data.spec import DataSpec
 from kerasbig.errors import UsageError
 from kerasbig.models.cnn import build_cnn
+from kerasbig.models.gpt import build_gpt
 from kerasbig.models.mlp import build_mlp
+from kerasbig.models.resnet import build_resnet
+from kerasbig.models.rnn import build_rnn
+from kerasbig.models.transformer import build_transformer
 
 BUILDERS = {
     "mlp": build_mlp,
     "cnn": build_cnn,
+    "resnet": build_resnet,
+    "rnn": build_rnn,
+    "transformer": build_transformer,
+    "gpt": build_gpt,
 }
 
 

@@ -1,0 +1,192 @@
+"""GPT-2 style decoder-only language model, written to be read in one sitting (after Karpathy's nanoGPT).
+
+    tokens -> token embedding + position embedding -> depth x Block -> final LayerNorm -> logits
+    Block: x + attention(ln_1(x)), then x + mlp(ln_2(x))   (pre-LayerNorm, GPT-2)
+
+The output head is the token embedding matrix transposed (weight tying), so parameter counts match GPT-2:
+124,439,808 for width 768, depth 12, heads 12, vocabulary 50257 and context 1024.
+
+`decode` runs the same weights one new position at a time with cached keys and values; generation uses it.
+"""
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from kerasbig.data.spec import LANGUAGE_MODEL, DataSpec
+from kerasbig.errors import UsageError
+from kerasbig.models.transformer import PositionEmbedding
+
+INIT_STD = 0.02  # GPT-2's initialisation of every weight matrix
+
+
+def _normal(stddev: float) -> keras.initializers.Initializer:
+    return keras.initializers.RandomNormal(stddev=stddev)
+
+
+@keras.saving.register_keras_serializable(package="kerasbig")
+class CausalSelfAttention(keras.layers.Layer):
+    """Multi-head self-attention in which each position sees itself and the positions before it.
+
+    One Dense makes queries, keys and values together (GPT-2's `c_attn`), another mixes the heads (`c_proj`).
+    `call_with_cache` runs new positions only, attending also to the keys and values of earlier ones.
+    """
+
+    def __init__(self, width: int, heads: int, *, dropout: float = 0.0, use_bias: bool = True,
+                 output_stddev: float = INIT_STD, **kwargs):
+        super().__init__(**kwargs)
+        self.width, self.heads, self.dropout, self.use_bias, self.output_stddev = (
+            width, heads, dropout, use_bias, output_stddev)
+        self.qkv = keras.layers.Dense(3 * width, use_bias=use_bias, kernel_initializer=_normal(INIT_STD), name="qkv")
+        self.out = keras.layers.Dense(width, use_bias=use_bias, kernel_initializer=_normal(output_stddev), name="out")
+        self.out_dropout = keras.layers.Dropout(dropout)
+
+    def build(self, input_shape):
+        self.qkv.build(input_shape)
+        self.out.build(input_shape)
+
+    def _heads(self, x):
+        """[batch, length, width] -> queries, keys, values, each [batch, length, heads, head_width]."""
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        return [ops.reshape(t, (batch, length, self.heads, -1)) for t in ops.split(self.qkv(x), 3, axis=-1)]
+
+    def _merge(self, y):
+        return self.out(ops.reshape(y, (ops.shape(y)[0], ops.shape(y)[1], self.width)))
+
+    def call(self, x, training=None):
+        q, k, v = self._heads(x)
+        y = ops.dot_product_attention(q, k, v, is_causal=True)
+        return self.out_dropout(self._merge(y), training=training)
+
+    def call_with_cache(self, x, cache=None):
+        """Attention for new positions `x` that follow the cached `(keys, values)`; returns (output, cache)."""
+        q, k, v = self._heads(x)
+        if cache is not None:
+            k, v = ops.concatenate([cache[0], k], axis=1), ops.concatenate([cache[1], v], axis=1)
+        new, total = ops.shape(q)[1], ops.shape(k)[1]
+        # New query i sits at position total - new + i; it sees keys up to and including that position.
+        mask = ops.arange(total)[None, :] <= ops.arange(total - new, total)[:, None]
+        return self._merge(ops.dot_product_attention(q, k, v, mask=mask)), (k, v)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "heads": self.heads, "dropout": self.dropout,
+                "use_bias": self.use_bias, "output_stddev": self.output_stddev}
+
+
+@keras.saving.register_keras_serializable(package="kerasbig")
+class Block(keras.layers.Layer):
+    """One transformer block: x + attention(ln_1(x)), then x + mlp(ln_2(x)) with a GELU MLP."""
+
+    def __init__(self, width: int, heads: int, *, mlp_ratio: int = 4, dropout: float = 0.0, use_bias: bool = True,
+                 output_stddev: float = INIT_STD, **kwargs):
+        super().__init__(**kwargs)
+        self.width, self.heads, self.mlp_ratio, self.dropout, self.use_bias, self.output_stddev = (
+            width, heads, mlp_ratio, dropout, use_bias, output_stddev)
+        # GPT-2 LayerNorms have biases too; nanoGPT's bias=False drops them along with the Dense biases.
+        self.ln_1 = keras.layers.LayerNormalization(epsilon=1e-5, center=use_bias, name="ln_1")
+        self.attn = CausalSelfAttention(width, heads, dropout=dropout, use_bias=use_bias,
+                                        output_stddev=output_stddev, name="attn")
+        self.ln_2 = keras.layers.LayerNormalization(epsilon=1e-5, center=use_bias, name="ln_2")
+        self.mlp_fc = keras.layers.Dense(mlp_ratio * width, activation="gelu", use_bias=use_bias,
+                                         kernel_initializer=_normal(INIT_STD), name="mlp_fc")
+        self.mlp_proj = keras.layers.Dense(width, use_bias=use_bias, kernel_initializer=_normal(output_stddev),
+                                           name="mlp_proj")
+        self.mlp_dropout = keras.layers.Dropout(dropout)
+
+    def build(self, input_shape):
+        for layer in (self.ln_1, self.attn, self.ln_2, self.mlp_fc):
+            layer.build(input_shape)
+        self.mlp_proj.build((*input_shape[:-1], self.mlp_ratio * self.width))
+
+    def _mlp(self, x, training=None):
+        return self.mlp_dropout(self.mlp_proj(self.mlp_fc(self.ln_2(x))), training=training)
+
+    def call(self, x, training=None):
+        x = x + self.attn(self.ln_1(x), training=training)
+        return x + self._mlp(x, training=training)
+
+    def call_with_cache(self, x, cache=None):
+        """The block on new positions only, given the attention cache of earlier ones; returns (output, cache)."""
+        attended, cache = self.attn.call_with_cache(self.ln_1(x), cache)
+        x = x + attended
+        return x + self._mlp(x), cache
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "heads": self.heads, "mlp_ratio": self.mlp_ratio,
+                "dropout": self.dropout, "use_bias": self.use_bias, "output_stddev": self.output_stddev}
+
+
+def vocabulary(spec: DataSpec, vocab_size: int) -> int:
+    """The embedding's vocabulary: the data's, or a larger `vocab_size` (e.g. GPT-2's 50257 on byte data)."""
+    if vocab_size and vocab_size < spec.num_classes:
+        raise UsageError(f"gpt vocab_size={vocab_size} is smaller than the data's vocabulary ({spec.num_classes}); "
+                         "use 0 for the data's own or a larger size")
+    return vocab_size or spec.num_classes
+
+
+def check_hyperparameters(spec: DataSpec, *, width: int, depth: int, heads: int, mlp_ratio: int,
+                          dropout: float) -> None:
+    """Raises UsageError for a GPT that cannot be built; `kerasbig.models.sizing` checks with it too."""
+    if spec.kind != LANGUAGE_MODEL:
+        raise UsageError(f"gpt is a language model; the data is {spec.kind!r}, choose a classifier model instead")
+    if min(width, depth, heads, mlp_ratio) < 1:
+        raise UsageError(f"gpt width, depth, heads and mlp_ratio must be positive, got "
+                         f"{width}, {depth}, {heads}, {mlp_ratio}")
+    if width % heads:
+        raise UsageError(f"gpt width={width} must be divisible by heads={heads}")
+    if not 0 <= dropout < 1:
+        raise UsageError(f"gpt dropout={dropout} must be in [0, 1)")
+
+
+def build_gpt(spec: DataSpec, *, width: int = 768, depth: int = 12, heads: int = 12, mlp_ratio: int = 4,
+              dropout: float = 0.0, bias: bool = True, vocab_size: int = 0) -> keras.Model:
+    """A GPT over `vocab_size` tokens (0: the data's `spec.num_classes`) with a context of `spec.seq_len`;
+    the defaults are GPT-2 124M's shape.
+
+    Inputs may be shorter than the context (generation feeds growing prefixes).
+
+    >>> from kerasbig.data.spec import DataSpec
+    >>> spec = DataSpec("language_model", "tokens", (16,), "int32", 64)
+    >>> build_gpt(spec, width=32, depth=2, heads=4).output_shape
+    (None, None, 64)
+    """
+    check_hyperparameters(spec, width=width, depth=depth, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout)
+    # GPT-2 scales the projections that write into the residual stream by 1/sqrt(number of them).
+    output_stddev = INIT_STD / math.sqrt(2 * depth)
+    tokens = keras.Input((None,), dtype=spec.input_dtype, name=spec.input_name)
+    embedding = keras.layers.ReversibleEmbedding(vocabulary(spec, vocab_size), width, tie_weights=True,
+                                                 embeddings_initializer=_normal(INIT_STD), name="token_embedding")
+    x = PositionEmbedding(spec.seq_len, initializer=_normal(INIT_STD), name="position_embedding")(embedding(tokens))
+    x = keras.layers.Dropout(dropout)(x)
+    for i in range(depth):
+        x = Block(width, heads, mlp_ratio=mlp_ratio, dropout=dropout, use_bias=bias, output_stddev=output_stddev,
+                  name=f"block_{i}")(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-5, center=bias, name="ln_f")(x)
+    logits = keras.layers.Activation("linear", dtype="float32", name="logits")(embedding(x, reverse=True))
+    return keras.Model(tokens, logits, name="gpt")
+
+
+def context_length(model: keras.Model) -> int:
+    """The most positions a built GPT can attend over (its position table)."""
+    return model.get_layer("position_embedding").max_length
+
+
+def decode(model: keras.Model, tokens, cache: list | None = None):
+    """Runs a built GPT on `tokens` [batch, new] that follow the positions in `cache` (None: no earlier ones).
+
+    Returns the float32 logits of the last new position, [batch, vocab], and the cache extended by the new
+    positions: one (keys, values) pair per block. Dropout is off, as at inference.
+    """
+    blocks = [layer for layer in model.layers if isinstance(layer, Block)]
+    cache = cache or [None] * len(blocks)
+    start = 0 if cache[0] is None else ops.shape(cache[0][0])[1]
+    embedding = model.get_layer("token_embedding")
+    x = model.get_layer("position_embedding")(embedding(tokens), start=start)
+    new_cache = []
+    for block, block_cache in zip(blocks, cache):
+        x, block_cache = block.call_with_cache(x, block_cache)
+        new_cache.append(block_cache)
+    logits = embedding(model.get_layer("ln_f")(x[:, -1]), reverse=True)
+    return ops.cast(logits, "float32"), new_cache

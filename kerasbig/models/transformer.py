@@ -1,0 +1,97 @@
+"""Transformer encoder classifier over token ids, and the learned position embedding GPT shares.
+
+    tokens -> token + position embeddings -> depth x pre-LayerNorm encoder block -> LayerNorm -> pool -> logits
+
+Token id 0 is padding: padded positions are neither attended to nor pooled.
+"""
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from kerasbig.data.spec import CLASSIFICATION, DataSpec
+from kerasbig.errors import UsageError
+
+POOLINGS = ("mean", "max")
+
+
+@keras.saving.register_keras_serializable(package="kerasbig")
+class PositionEmbedding(keras.layers.Layer):
+    """Adds a learned vector per position to [batch, length, width] inputs; `start` offsets the positions.
+
+    >>> tuple(PositionEmbedding(8)(keras.ops.zeros((2, 5, 4))).shape)
+    (2, 5, 4)
+    """
+
+    def __init__(self, max_length: int, *, initializer="uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.max_length = max_length
+        self.initializer = keras.initializers.get(initializer)
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(shape=(self.max_length, input_shape[-1]), initializer=self.initializer,
+                                          name="embeddings")
+
+    def call(self, x, start=0):
+        length, width = ops.shape(x)[1], ops.shape(x)[2]
+        return x + ops.cast(ops.slice(self.embeddings, (start, 0), (length, width)), x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "max_length": self.max_length,
+                "initializer": keras.initializers.serialize(self.initializer)}
+
+
+def _encoder_block(x, attention_mask, *, heads: int, mlp_ratio: int, dropout: float, name: str):
+    """x + attention(ln_1(x)), then x + mlp(ln_2(x)) with a GELU MLP."""
+    width = x.shape[-1]
+    h = keras.layers.LayerNormalization(name=f"{name}_ln_1")(x)
+    h = keras.layers.MultiHeadAttention(heads, width // heads, dropout=dropout, name=f"{name}_attn")(
+        h, h, attention_mask=attention_mask)
+    x = x + keras.layers.Dropout(dropout)(h)
+    h = keras.layers.LayerNormalization(name=f"{name}_ln_2")(x)
+    h = keras.layers.Dense(mlp_ratio * width, activation="gelu", name=f"{name}_mlp_fc")(h)
+    h = keras.layers.Dense(width, name=f"{name}_mlp_proj")(h)
+    return x + keras.layers.Dropout(dropout)(h)
+
+
+def _check(spec: DataSpec, vocab_size: int, width: int, depth: int, heads: int, mlp_ratio: int,
+           dropout: float, pooling: str) -> None:
+    if spec.kind != CLASSIFICATION or len(spec.input_shape) != 1:
+        raise UsageError(f"transformer classifies token sequences; the data is {spec.kind!r} with input shape "
+                         f"{spec.input_shape} (use gpt for language models)")
+    if min(vocab_size, width, depth, heads, mlp_ratio) < 1:
+        raise UsageError(f"transformer vocab_size, width, depth, heads and mlp_ratio must be positive, got "
+                         f"{vocab_size}, {width}, {depth}, {heads}, {mlp_ratio}")
+    if width % heads:
+        raise UsageError(f"transformer width={width} must be divisible by heads={heads}")
+    if not 0 <= dropout < 1:
+        raise UsageError(f"transformer dropout={dropout} must be in [0, 1)")
+    if pooling not in POOLINGS:
+        raise UsageError(f"transformer pooling={pooling!r} is not one of {POOLINGS}")
+
+
+def build_transformer(spec: DataSpec, *, vocab_size: int = 256, width: int = 128, depth: int = 2, heads: int = 4,
+                      mlp_ratio: int = 4, dropout: float = 0.1, pooling: str = "mean") -> keras.Model:
+    """A pre-LayerNorm transformer encoder classifying sequences of token ids below `vocab_size`.
+
+    >>> from kerasbig.data.spec import DataSpec
+    >>> spec = DataSpec("classification", "tokens", (16,), "int32", 2)
+    >>> build_transformer(spec, width=32, heads=2).output_shape
+    (None, 2)
+    """
+    _check(spec, vocab_size, width, depth, heads, mlp_ratio, dropout, pooling)
+    tokens = keras.Input(spec.input_shape, dtype=spec.input_dtype, name=spec.input_name)
+    keep = ops.not_equal(tokens, 0)  # [batch, length]: False at padding
+    x = keras.layers.Embedding(vocab_size, width, name="token_embedding")(tokens)
+    x = PositionEmbedding(spec.seq_len, name="position_embedding")(x)
+    x = keras.layers.Dropout(dropout)(x)
+    for i in range(depth):
+        x = _encoder_block(x, keep[:, None, :], heads=heads, mlp_ratio=mlp_ratio, dropout=dropout,
+                           name=f"block_{i}")
+    x = keras.layers.LayerNormalization(name="ln_f")(x)
+    if pooling == "mean":
+        x = keras.layers.GlobalAveragePooling1D(name="pool")(x, mask=keep)
+    else:
+        x = ops.max(ops.where(keep[:, :, None], x, ops.cast(-1e9, x.dtype)), axis=1)
+    logits = keras.layers.Dense(spec.num_classes, dtype="float32", name="logits")(x)
+    return keras.Model(tokens, logits, name="transformer")
