@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import sklearn.metrics
+import tensorflow as tf
 
-from kerasbig.data.spec import CLASSIFICATION
+from kerasbig.data.spec import CLASSIFICATION, Task
 
 
 def metrics(kind: str, sums, labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict:
@@ -33,3 +35,14 @@ def metrics(kind: str, sums, labels: np.ndarray, predictions: np.ndarray, num_cl
 def summary_line(values: dict) -> str:
     keys = ("accuracy", "f1", "loss", "perplexity", "bits_per_byte")
     return ", ".join(f"{k} {values[k]:.4f}" for k in keys if k in values)
+
+
+def accuracy(model: keras.Model, task: Task, split: str = "test", batch_size: int = 256) -> float:
+    """Accuracy (per token for language models) of `model` on the raw examples of `split`, through
+    `task.preprocess` on one device: the path a serving request takes. Compares float and int8 exports."""
+    correct = total = 0
+    for x, y in getattr(task, split).batch(batch_size):
+        predictions = tf.argmax(model(task.preprocess(x), training=False), -1, output_type=y.dtype)
+        correct += int(tf.reduce_sum(tf.cast(predictions == y, tf.int32)))
+        total += int(tf.size(y))
+    return correct / total

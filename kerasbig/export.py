@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -71,23 +72,52 @@ def _verify_in_fresh_process(directory: pathlib.Path, samples: np.ndarray, expec
                        f"{(result.stderr.strip().splitlines() or ['no output'])[-1]}")
 
 
+def _quantization(version_dir: pathlib.Path) -> str:
+    try:
+        return json.loads((version_dir / "assets.extra" / "kerasbig.json").read_text()).get("quantization", "")
+    except (OSError, ValueError):
+        return ""
+
+
 def write_models_config(base: pathlib.Path, *, stable_label: bool = True) -> pathlib.Path:
-    """TF Serving's ModelServerConfig for every model under `base`, as mounted at /models in its container."""
+    """TF Serving's ModelServerConfig for every model under `base`, as mounted at /models in its container.
+
+    Each model serves its newest version, labelled `stable` when it is a float export, plus the newest int8
+    version under the label `int8` when there is one."""
     config = model_server_config_pb2.ModelServerConfig()
     for model_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
         versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
         if not versions:
             continue
+        newest = {}
+        for version in versions:
+            newest[_quantization(model_dir / str(version)) or "stable"] = version
+        labels = {label: v for label, v in newest.items() if label != "stable" or stable_label}
         entry = config.model_config_list.config.add(name=model_dir.name, base_path=f"/models/{model_dir.name}",
                                                     model_platform="tensorflow")
-        entry.model_version_policy.specific.versions.extend(versions[-2:])
-        if stable_label:
-            entry.version_labels["stable"] = versions[-1]
+        entry.model_version_policy.specific.versions.extend(sorted({versions[-1], *labels.values()}))
+        for label, version in labels.items():
+            entry.version_labels[label] = version
     path = base / "models.config"
     tmp = base / ".models.config.tmp"
     tmp.write_text(text_format.MessageToString(config))
     tmp.replace(path)
     return path
+
+
+def saved_model_bytes(directory: pathlib.Path) -> int:
+    """The SavedModel's size on disk: graph and variables, without kerasbig's extra assets."""
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and "assets.extra" not in p.parts)
+
+
+def quantized_copy(model: keras.Model, mode: str = "int8") -> keras.Model:
+    """A copy of `model` with Keras's weight quantization (Dense, EinsumDense and Embedding layers)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    with warnings.catch_warnings():  # Keras warns for every layer without weights to quantize (Dropout, ...)
+        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+        copy.quantize(mode)
+    return copy
 
 
 def export(model: keras.Model, task: Task, *, base: pathlib.Path, name: str, record: dict,
@@ -113,7 +143,8 @@ def export(model: keras.Model, task: Task, *, base: pathlib.Path, name: str, rec
         extra.mkdir()
         _write_warmup(extra / "tf_serving_warmup_requests", name, task.serving_input.name, samples)
         versions = {"keras": keras.__version__, "tensorflow": tf.__version__, "python": sys.version.split()[0]}
-        (extra / "kerasbig.json").write_text(json.dumps({**record, "versions": versions}, indent=2, default=str))
+        record = {**record, "size_bytes": saved_model_bytes(tmp), "versions": versions}
+        (extra / "kerasbig.json").write_text(json.dumps(record, indent=2, default=str))
         expected = {k: v.numpy() for k, v in serve(tf.constant(samples, task.serving_input.dtype)).items()}
         _verify_in_fresh_process(tmp, samples, expected)
         final = model_base / str(version)

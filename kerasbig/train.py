@@ -163,6 +163,24 @@ def run() -> None:
         path = export.export(model, task, base=export_base, name=export_name, record=record,
                              stable_label=config.export.stable_label)
         print(f"SavedModel: {path}  (verified in a fresh process; serve with TF Serving or python -m kerasbig.serve)")
+        if config.export.quantize:
+            export_quantized(model, task, float_version=path, record=record, base=export_base, name=export_name,
+                             mode=config.export.quantize, stable_label=config.export.stable_label)
+
+
+def export_quantized(model, task, *, float_version: pathlib.Path, record: dict, base: pathlib.Path, name: str,
+                     mode: str, stable_label: bool) -> None:
+    """Writes a quantized version after the float one; its kerasbig.json sets size and accuracy side by side."""
+    quantized = export.quantized_copy(model, mode)
+    float_record = json.loads((float_version / "assets.extra" / "kerasbig.json").read_text())
+    comparison = {"float": {"version": int(float_version.name), "size_bytes": float_record["size_bytes"],
+                            "test_accuracy": evaluation.accuracy(model, task)},
+                  mode: {"test_accuracy": evaluation.accuracy(quantized, task)}}
+    path = export.export(quantized, task, base=base, name=name, stable_label=stable_label,
+                         record={**record, "quantization": mode, "comparison": comparison})
+    size = json.loads((path / "assets.extra" / "kerasbig.json").read_text())["size_bytes"]
+    print(f"SavedModel ({mode}): {path}  {size / 1e6:.2f} MB, test accuracy {comparison[mode]['test_accuracy']:.4f} "
+          f"(float: {comparison['float']['size_bytes'] / 1e6:.2f} MB, {comparison['float']['test_accuracy']:.4f})")
 
 
 def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: int, replicas: int,

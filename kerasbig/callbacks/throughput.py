@@ -127,8 +127,10 @@ class Throughput(keras.callbacks.Callback):
         rates = {"examples_per_sec": self.examples_per_step * steps_per_sec}
         if self.tokens_per_step:
             rates["tokens_per_sec"] = self.tokens_per_step * steps_per_sec
-        if self.flops_per_step and self.peak_flops:
-            rates["mfu"] = self.flops_per_step * steps_per_sec / self.peak_flops
+        if self.flops_per_step:
+            rates["tflops_per_sec"] = self.flops_per_step * steps_per_sec / 1e12  # achieved, all devices
+            if self.peak_flops:
+                rates["mfu"] = self.flops_per_step * steps_per_sec / self.peak_flops
         return rates
 
     def _write(self, step: int) -> None:

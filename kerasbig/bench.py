@@ -1,0 +1,113 @@
+"""`python -m kerasbig.bench`: training speed and memory of shipped configs, through the real training command.
+
+Each case runs `python -m kerasbig.train --mode=train` for a fixed number of steps in a fresh process and reads
+the throughput that the run itself logged to TensorBoard (the `Throughput` callback: the first, compiling
+execution is excluded), so the figures are what users get. Peak memory is the process's maximum resident set.
+Achieved FLOP/s is the run's logged `tflops_per_sec`: the analytic training FLOPs that `--mode=dry_run` prints,
+times steps per second.
+
+    python -m kerasbig.bench                       # all cases, table on stdout
+    python -m kerasbig.bench --cases=gpt_small --output=docs/benchmark.md
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import tensorflow as tf
+from absl import flags
+
+from kerasbig import cli
+from kerasbig.errors import RunError, UsageError
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    config: str
+    overrides: tuple[str, ...] = ()
+    steps: int = 60
+
+
+CASES = {case.name: case for case in [
+    Case("digits_mlp", "digits_mlp", ("--config.train.steps_per_execution=8",), steps=200),
+    Case("digits_cnn", "digits_cnn", steps=120),
+    Case("digits_cnn_spe1", "digits_cnn", ("--config.train.steps_per_execution=1",), steps=120),
+    Case("text_transformer", "text_transformer", steps=60),
+    Case("gpt_small", "gpt_small", steps=60),
+    Case("gpt_small_no_xla", "gpt_small", ("--config.train.jit_compile=False",), steps=60),
+    Case("gpt_small_bf16", "gpt_small", ("--mixed_precision=mixed_bfloat16",), steps=60),
+    Case("gpt2_124m_seq256", "gpt2_124m", ("--config.data.seq_len=256", "--config.data.batch_size=8",
+                                           "--config.optimizer.accumulation_steps=1",
+                                           "--config.train.steps_per_execution=5"), steps=20),
+]}
+
+flags.DEFINE_list("cases", list(CASES), f"Which cases to run: {', '.join(CASES)}.")
+flags.DEFINE_string("output", "", "Also write the table, with the machine's description, to this Markdown file.")
+FLAGS = flags.FLAGS
+
+
+def _last_scalars(logdir: pathlib.Path, tags: tuple[str, ...]) -> dict[str, float]:
+    values = {}
+    for events in sorted(logdir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                if value.tag in tags:
+                    values[value.tag] = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
+    return values
+
+
+def run_case(case: Case) -> dict:
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, "-m", "kerasbig.train", f"--config=configs/{case.config}.py", *case.overrides,
+                   "--mode=train", f"--workdir={workdir}", f"--config.train.steps={case.steps}",
+                   f"--config.train.log_every_steps={max(1, case.steps // 4)}"]
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status):
+            raise RunError(f"{case.name}: training failed: {process.stderr.read().strip().splitlines()[-1:]}")
+        rates = _last_scalars(pathlib.Path(workdir) / "train", ("examples_per_sec", "tokens_per_sec", "tflops_per_sec"))
+    return {"case": case.name, "examples/s": rates["examples_per_sec"], "tokens/s": rates.get("tokens_per_sec"),
+            "GFLOP/s": rates["tflops_per_sec"] * 1e3, "peak RSS (GiB)": usage.ru_maxrss / 2**20,
+            "wall (s)": seconds, "steps": case.steps}
+
+
+def table(rows: list[dict]) -> str:
+    columns = list(rows[0])
+    def cell(value):
+        if value is None:
+            return "-"
+        return f"{value:,.1f}" if isinstance(value, float) else str(value)
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    unknown = sorted(set(FLAGS.cases) - set(CASES))
+    if unknown:
+        raise UsageError(f"--cases: unknown {unknown}; choose from {list(CASES)}")
+    rows = []
+    for name in FLAGS.cases:
+        print(f"running {name} ...", flush=True)
+        rows.append(run_case(CASES[name]))
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, "
+               f"Python {platform.python_version()}")
+    result = table(rows)
+    print(f"\n{machine}\n\n{result}")
+    if FLAGS.output:
+        pathlib.Path(FLAGS.output).write_text(f"Measured with `python -m kerasbig.bench` on {machine}.\n\n{result}\n")
+
+
+if __name__ == "__main__":
+    cli.run(main)
