@@ -34,7 +34,7 @@ WARMUP_EXAMPLES = 8
 def serving_function(model: keras.Model, task: Task):
     """`serving_default`: raw named input -> preprocess -> model -> named float32 outputs."""
 
-    @tf.function(input_signature=[task.serving_input])
+    @tf.function(input_signature=[task.serving_input], autograph=False)  # plain Python at trace time
     def serve(raw):
         logits = tf.cast(model(task.preprocess(raw), training=False), tf.float32)
         if task.spec.kind == CLASSIFICATION:

@@ -120,7 +120,7 @@ def run() -> None:
 
     with strategy.scope():
         model = models.build(task.spec, config.model)
-        optimizer = make_optimizer(config)
+        optimizer = make_optimizer(config, FLAGS.mixed_precision)
     if chief:
         writable_dir(workdir, "--workdir")
         if FLAGS.mode in ("train_and_export", "export"):
@@ -209,7 +209,7 @@ def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: i
     return callbacks
 
 
-def make_optimizer(config) -> keras.optimizers.Optimizer:
+def make_optimizer(config, mixed_precision: str = "float32") -> keras.optimizers.Optimizer:
     """The optimizer `config.optimizer` names; the learning-rate schedule is attached by its callback."""
     opt = config.optimizer
     common = dict(learning_rate=opt.learning_rate)
@@ -221,7 +221,7 @@ def make_optimizer(config) -> keras.optimizers.Optimizer:
         optimizer = keras.optimizers.Lion(weight_decay=opt.weight_decay or None, **common)
     else:
         optimizer = keras.optimizers.AdamW(weight_decay=opt.weight_decay, **common)
-    if FLAGS.mixed_precision == "mixed_float16":
+    if mixed_precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 

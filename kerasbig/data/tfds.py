@@ -11,6 +11,7 @@ import functools
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from kerasbig.data.spec import CLASSIFICATION, DataSpec, Task
 from kerasbig.data.text import SPLITS, bytes_to_ids
@@ -19,7 +20,7 @@ from kerasbig.errors import RunError, UsageError
 CATALOG = "https://www.tensorflow.org/datasets/catalog"
 
 
-def load_tfds(name: str, *, data_dir: str | None = None, seed: int, seq_len: int = 512) -> Task:
+def _load_tfds(name: str, *, data_dir: str | None, seed: int, seq_len: int) -> Task:
     """Train, validation and test splits of the TFDS dataset `name`, prepared under `data_dir`.
 
     data_dir: None means TFDS's default, $TFDS_DATA_DIR or ~/tensorflow_datasets.
@@ -61,6 +62,17 @@ def load_tfds(name: str, *, data_dir: str | None = None, seed: int, seq_len: int
         serving_input=serving_input,
         preprocess=preprocess,
     )
+
+
+def load_tfds(name: str, *, data_dir: str | None = None, seed: int, seq_len: int = 512) -> Task:
+    """The TFDS dataset `name` as a Task; see the module docstring. TFDS's own warnings (about each empty
+    folder it looks in, deprecations) are muted while loading: a missing dataset is reported in one line."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        return _load_tfds(name, data_dir=data_dir, seed=seed, seq_len=seq_len)
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
