@@ -2,7 +2,9 @@
 
 Layout: `<workdir>/checkpoints/step-00001234/{ckpt.index, ckpt.data-*, state.json, arrays.npz}`. Each is
 written to a temporary folder and renamed, so a reader (or a resume after SIGKILL) never sees half of one.
-Variables are saved by position, which is stable for the same config in any process.
+Variables are saved by position, which is stable for the same config in any process. Under multi-worker
+training every worker saves (saving may need collectives) and only the chief's copy is kept; all workers
+restore from the chief's folder, so it must be on a filesystem they share.
 """
 from __future__ import annotations
 
@@ -28,10 +30,14 @@ def saved_steps(directory: pathlib.Path) -> list[int]:
 class Checkpoints:
     """Saves and restores `model.variables` + `optimizer.variables` with a state dict and named arrays."""
 
-    def __init__(self, directory: pathlib.Path, *, model, optimizer, keep: int, is_chief: bool = True):
+    def __init__(self, directory: pathlib.Path, *, model, optimizer, keep: int, is_chief: bool = True,
+                 io_device: str | None = None):
+        """`io_device`: the device whose host reads and writes the files (a remote TPU worker would
+        otherwise write them on its own disk); None for the variables' own host."""
         self.directory = pathlib.Path(directory)
         self.keep = keep
         self.is_chief = is_chief
+        self._options = tf.train.CheckpointOptions(experimental_io_device=io_device)
         self._checkpoint = tf.train.Checkpoint(
             model=[v.value for v in model.variables], optimizer=[v.value for v in optimizer.variables])
 
@@ -46,7 +52,7 @@ class Checkpoints:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
         try:
-            self._checkpoint.write(str(tmp / "ckpt"))
+            self._checkpoint.write(str(tmp / "ckpt"), options=self._options)
             for name, values in (arrays or {}).items():
                 np.savez(tmp / f"{name}.npz", *values)
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -70,9 +76,12 @@ class Checkpoints:
                 for npz in path.glob("*.npz"):
                     with np.load(npz) as data:
                         arrays[npz.stem] = [data[f"arr_{i}"] for i in range(len(data.files))]
-                self._checkpoint.read(str(path / "ckpt")).assert_existing_objects_matched().expect_partial()
+                status = self._checkpoint.read(str(path / "ckpt"), options=self._options)
+                status.assert_existing_objects_matched().expect_partial()
                 return state, arrays
-            except (OSError, ValueError, KeyError, AssertionError, tf.errors.OpError) as err:
+            # Whatever a damaged checkpoint raises (OpError, IndexError for truncated data, ValueError, ...):
+            # the previous checkpoint then overwrites every variable this one may have partly restored.
+            except Exception as err:  # noqa: BLE001
                 logging.warning("checkpoint %s is unreadable (%s); falling back to the previous one",
                                 path, str(err).splitlines()[0] if str(err) else type(err).__name__)
         return None
@@ -84,6 +93,7 @@ def load_model_weights(directory: pathlib.Path, model) -> int:
     steps = saved_steps(pathlib.Path(directory))
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}")
-    tf.train.Checkpoint(model=[v.value for v in model.variables]).read(
-        str(pathlib.Path(directory) / f"{PREFIX}{steps[-1]:08d}" / "ckpt")).expect_partial().assert_existing_objects_matched()
+    path = pathlib.Path(directory) / f"{PREFIX}{steps[-1]:08d}" / "ckpt"
+    status = tf.train.Checkpoint(model=[v.value for v in model.variables]).read(str(path))
+    status.expect_partial().assert_existing_objects_matched()
     return steps[-1]

@@ -1,14 +1,27 @@
-"""Picks the tf.distribute strategy behind `--strategy`, and says which worker is the chief."""
+"""Picks the tf.distribute strategy behind `--strategy`, and says which worker is the chief.
+
+A failed or frozen worker of a multi-worker run stops the others within a bounded time, in two ways:
+- TensorFlow's coordination service (which MultiWorkerMirroredStrategy starts) takes heartbeats from every
+  worker; when one dies, freezes or becomes unreachable, the others' collectives are aborted within its
+  heartbeat timeout (10 s by default), or at once when the dead worker's port refuses connections.
+- every collective has a deadline, `COLLECTIVE_TIMEOUT_S`, for a worker that is alive but stuck.
+The trainer turns either into a RunError naming the step (see docs/distributed.md).
+"""
 from __future__ import annotations
 
 import json
 import os
+import socket
+import urllib.parse
 
 import tensorflow as tf
 
 from kerasbig.errors import RunError, UsageError
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+# Longer than any pause between two collectives of a healthy run (a checkpoint write, an evaluation).
+COLLECTIVE_TIMEOUT_S = 600
+TPU_CONNECT_TIMEOUT_S = 10
 
 
 def split_cpu(replicas: int) -> None:
@@ -22,7 +35,7 @@ def _cluster() -> dict:
     try:
         return json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
     except json.JSONDecodeError as err:
-        raise UsageError(f"TF_CONFIG is not valid JSON ({err}); see docs on multi-worker training") from None
+        raise UsageError(f"TF_CONFIG is not valid JSON ({err}); see docs/distributed.md") from None
 
 
 def _workers() -> int:
@@ -30,7 +43,7 @@ def _workers() -> int:
     return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
 
 
-def resolve(name: str, *, tpu: str = "") -> str:
+def resolve(name: str, *, tpu: str = "", num_cpu_replicas: int = 0) -> str:
     """The concrete strategy `auto` means on this machine."""
     if name != "auto":
         return name
@@ -38,12 +51,14 @@ def resolve(name: str, *, tpu: str = "") -> str:
         return "tpu"
     if _workers() > 1:
         return "multi_worker"
-    return "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "one_device"
+    several_devices = len(tf.config.list_logical_devices("GPU")) > 1 or num_cpu_replicas > 1
+    return "mirrored" if several_devices else "one_device"
 
 
 def make(name: str, *, tpu: str = "", num_cpu_replicas: int = 0) -> tf.distribute.Strategy:
-    """Builds the strategy. `num_cpu_replicas` > 1 with `mirrored` replicates over logical CPUs."""
-    name = resolve(name, tpu=tpu)
+    """Builds the strategy. `num_cpu_replicas` > 1 (see `split_cpu`) makes `auto` and `mirrored` replicate
+    over logical CPUs when there are no GPUs."""
+    name = resolve(name, tpu=tpu, num_cpu_replicas=num_cpu_replicas)
     if name == "one_device":
         gpus = tf.config.list_logical_devices("GPU")
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
@@ -56,8 +71,7 @@ def make(name: str, *, tpu: str = "", num_cpu_replicas: int = 0) -> tf.distribut
             raise UsageError("--strategy=multi_worker needs TF_CONFIG naming the cluster's workers and this "
                              "worker's task, e.g. {\"cluster\": {\"worker\": [\"host1:2222\", \"host2:2222\"]}, "
                              "\"task\": {\"type\": \"worker\", \"index\": 0}}")
-        options = tf.distribute.experimental.CommunicationOptions(
-            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO, timeout_seconds=None)
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=COLLECTIVE_TIMEOUT_S)
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if name == "tpu":
         return _tpu_strategy(tpu)
@@ -65,21 +79,32 @@ def make(name: str, *, tpu: str = "", num_cpu_replicas: int = 0) -> tf.distribut
 
 
 def _tpu_strategy(tpu: str) -> tf.distribute.TPUStrategy:
+    """TPUStrategy for a TPU name, `local` (on a TPU VM) or a grpc://host:port address."""
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
+        _check_reachable(resolver.master())
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, tf.errors.OpError, RuntimeError) as err:
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise RunError(f"cannot reach TPU {tpu or '(default)'}: {first_line}; check --tpu (a TPU name or "
-                       "grpc://host:8470) and that this VM can reach it") from None
+    except (ValueError, OSError, RuntimeError, tf.errors.OpError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunError(f"cannot reach TPU {tpu or '(default)'}: {first_line}; check --tpu (a TPU name, 'local' "
+                       "on a TPU VM, or grpc://host:8470) and that this machine can reach it") from None
     return tf.distribute.TPUStrategy(resolver)
 
 
+def _check_reachable(master: str) -> None:
+    """Fails within TPU_CONNECT_TIMEOUT_S when a remote TPU worker does not accept connections:
+    TensorFlow's own connection to the cluster waits for it forever."""
+    address = urllib.parse.urlparse(master)
+    if address.scheme == "grpc" and address.hostname:
+        with socket.create_connection((address.hostname, address.port or 8470), timeout=TPU_CONNECT_TIMEOUT_S):
+            pass
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """Only the chief writes logs, checkpoints and exports: worker 0 when there is no 'chief' task."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type in (None, "chief") or (task_type == "worker" and task_id == 0 and "chief" not in _cluster())
+    """Only the chief writes logs, checkpoints and exports: the 'chief' task, or worker 0 without one."""
+    return strategy.extended.should_checkpoint

@@ -5,20 +5,26 @@ Why a loop of our own rather than `model.fit`: Keras 3's `fit` fails under Multi
 and Keras clips gradients per replica before the all-reduce, so global-norm clipping would see only a part
 of the gradient. The same loop runs on one device, Mirrored, MultiWorkerMirrored and TPU strategies, and
 any `keras.callbacks.Callback` works in it as in `fit`.
+
+Every decision that ends or pauses training is taken identically on every worker, from globally reduced
+values: a non-finite loss, early stopping (from the validation logs), preemption (a SIGTERM on any worker is
+voted on in the next step's all-reduce) and the step to resume from (checked across workers).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
 import signal
-import time
+import threading
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from kerasbig import distribute
 from kerasbig.checkpoint import Checkpoints
 from kerasbig.data import pipeline
 from kerasbig.data.spec import LANGUAGE_MODEL, Task
@@ -79,11 +85,15 @@ class Trainer:
         # sum them a second time.
         getattr(optimizer, "inner_optimizer", optimizer)._all_reduce_sum_gradients = _already_reduced
         model.optimizer = optimizer  # what callbacks read, as under fit()
+        # A remote TPU worker would write checkpoints on its own disk: files go through this host instead.
+        io_device = "/job:localhost" if isinstance(strategy, tf.distribute.TPUStrategy) else None
         self.checkpoints = Checkpoints(workdir / "checkpoints", model=model, optimizer=optimizer,
-                                       keep=train.keep_checkpoints, is_chief=is_chief)
+                                       keep=train.keep_checkpoints, is_chief=is_chief, io_device=io_device)
         self._train_fn = self._make_train_function()
         self._eval_fn = self._make_eval_function()
-        self._preempted = False
+        self._all_finite = self._make_finite_check()
+        self._sigterm = False
+        self._validation: tuple[np.ndarray, np.ndarray] | None = None
 
     # ---- compiled functions -------------------------------------------------------------------------
     def _stats(self, labels, logits, weights):
@@ -120,12 +130,18 @@ class Trainer:
         if self.config.train.jit_compile:
             step = tf.function(step, jit_compile=True)
 
+        def step_and_vote(x, y, sigterm):
+            return tf.concat([step(x, y), [sigterm]], 0)
+
         @tf.function
-        def train(iterator, steps):
-            totals = tf.zeros([3])
+        def train(iterator, steps, sigterm):
+            """Runs `steps` steps; returns the summed (loss, correct, count) and, riding on the same all-reduce,
+            the number of replicas whose worker got a SIGTERM (`sigterm` is this worker's 0 or 1)."""
+            totals = tf.zeros([4])
             for _ in tf.range(steps):
                 x, y = next(iterator)
-                totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(step, (x, y)), None)
+                totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                               self.strategy.run(step_and_vote, (x, y, sigterm)), None)
             return totals
         return train
 
@@ -145,6 +161,12 @@ class Trainer:
                     gather(predictions), gather(labels), gather(weights))
         return evaluate
 
+    def _make_finite_check(self):
+        """A compiled check that every floating-point model and optimizer variable is finite."""
+        variables = [v.value for v in self.model.variables + self.optimizer.variables
+                     if keras.backend.is_float_dtype(v.dtype)]
+        return tf.function(lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
+
     # ---- data ---------------------------------------------------------------------------------------
     def _train_iterator(self, epoch: int, skip_batches: int):
         def dataset_fn(context):
@@ -159,17 +181,31 @@ class Trainer:
             return pipeline.eval_batches(self.task, split, global_batch=self.config.data.eval_batch_size,
                                          context=context)
         sums, labels, predictions = Sums(), [], []
-        for batch in self.strategy.distribute_datasets_from_function(dataset_fn):
-            batch_sums, batch_predictions, batch_labels, weights = self._eval_fn(batch)
-            sums.add(batch_sums.numpy())
-            keep = weights.numpy() > 0
-            labels.append(batch_labels.numpy()[keep])
-            predictions.append(batch_predictions.numpy()[keep])
+        with self._cluster_errors(f"evaluating {split}"):
+            for batch in self.strategy.distribute_datasets_from_function(dataset_fn):
+                batch_sums, batch_predictions, batch_labels, weights = self._eval_fn(batch)
+                sums.add(batch_sums.numpy())
+                keep = weights.numpy() > 0
+                labels.append(batch_labels.numpy()[keep])
+                predictions.append(batch_predictions.numpy()[keep])
         return sums, np.concatenate(labels), np.concatenate(predictions)
+
+    def latest_validation(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(labels, predicted classes) of the latest validation pass, in the order of `task.validation`, on every
+        worker: what `callbacks.Dashboard(validation_predictions=...)` takes, with no evaluation of its own
+        (which, run on the chief alone, would wait forever for the other workers)."""
+        return self._validation
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def _save(self, callbacks: list, *, complete: bool = False) -> None:
-        state = {"step": int(self.optimizer.iterations.numpy()), "complete": complete, "callbacks": {}}
+        """Checkpoints the current state; weights that are no longer finite are never saved, so the last
+        good checkpoint survives a divergence."""
+        step = int(self.optimizer.iterations.numpy())
+        if not self._all_finite():
+            raise RunError(f"the weights are no longer finite at step {step}; training stopped and the last "
+                           f"good checkpoint in {self.checkpoints.directory} was kept (lower the learning rate "
+                           "or set --config.optimizer.clip_norm)")
+        state = {"step": step, "complete": complete, "callbacks": {}}
         arrays = {}
         for callback in callbacks:
             if hasattr(callback, "get_state"):
@@ -177,11 +213,12 @@ class Trainer:
                 state["callbacks"][name] = callback.get_state()
                 if getattr(callback, "best_weights", None) is not None:
                     arrays[name + ".best_weights"] = callback.best_weights
-        self.checkpoints.save(state["step"], state, arrays)
+        self.checkpoints.save(step, state, arrays)
 
     def restore(self, callbacks: list = ()) -> dict | None:
         """Loads the latest checkpoint (and callback states) if there is one; returns its state."""
         restored = self.checkpoints.restore_latest()
+        self._check_workers_agree(restored[0]["step"] if restored else 0)
         if restored is None:
             return None
         state, arrays = restored
@@ -192,6 +229,20 @@ class Trainer:
                 if name + ".best_weights" in arrays:
                     callback.best_weights = arrays[name + ".best_weights"]
         return state
+
+    def _check_workers_agree(self, step: int) -> None:
+        """Every worker must resume from the same step; they do when they share the chief's workdir."""
+        if not distribute.is_multi_worker(self.strategy):
+            return
+        @tf.function
+        def every_workers_step():
+            return self.strategy.gather(self.strategy.run(lambda: tf.constant([step], tf.int64)), axis=0)
+
+        with self._cluster_errors("starting"):
+            steps = sorted(set(every_workers_step().numpy().tolist()))
+        if len(steps) > 1:
+            raise RunError(f"the workers found different checkpoints to resume from (steps {steps}): give every "
+                           f"worker the same --workdir on a filesystem they share (this worker's is {self.workdir})")
 
     # ---- the loop -----------------------------------------------------------------------------------
     def fit(self, callbacks: list[keras.callbacks.Callback], *, verbose: bool = True) -> dict[str, float]:
@@ -207,9 +258,14 @@ class Trainer:
         callback_list = keras.callbacks.CallbackList(
             callbacks, add_history=True, add_progbar=verbose, model=self.model,
             epochs=self.epochs, steps=self.steps_per_epoch, verbose=1 if verbose else 0)
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._on_main_thread() else None
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if on_main_thread else None
         try:
-            logs = self._epochs(callback_list, callbacks, step)
+            with self._cluster_errors("training"):
+                logs = self._epochs(callback_list, callbacks, step)
+        except (Preempted, RunError):
+            callback_list.on_train_end()  # flushes the logs of a run that stops early
+            raise
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
@@ -231,23 +287,26 @@ class Trainer:
             while position < epoch_steps and not self.model.stop_training:
                 n = min(spe, epoch_steps - position)
                 callback_list.on_train_batch_begin(position)
-                sums.add(self._train_fn(iterator, tf.constant(n)).numpy())
+                values = self._train_fn(iterator, tf.constant(n), tf.constant(float(self._sigterm))).numpy()
+                sums.add(values[:3])
                 position += n
                 step += n
                 logs = sums.logs()
                 callback_list.on_train_batch_end(position - 1, logs)
-                self._check_finite(callbacks, logs, step)
-                if self._preempted:
+                self._check_finite(logs, step)
+                # A SIGTERM on any worker is seen by all in the vote, and they all save and stop here.
+                if values[3] or (self._sigterm and not distribute.is_multi_worker(self.strategy)):
                     self._save(callbacks)
                     raise Preempted(step)
                 if train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0 and position < epoch_steps:
                     self._save(callbacks)
             epoch_complete = position == epoch_steps
             if epoch_complete and (epoch + 1) % train.eval_every_epochs == 0 or step == self.total_steps:
-                val, _, _ = self.evaluate("validation")
+                val, labels, predictions = self.evaluate("validation")
+                self._validation = (labels, predictions)
                 logs.update(val.logs("val_"))
             callback_list.on_epoch_end(epoch, logs)
-            self._check_finite(callbacks, logs, step)
+            self._check_finite(logs, step)
             if self.model.stop_training:
                 break
             self._save(callbacks)
@@ -255,7 +314,7 @@ class Trainer:
         self._save(callbacks, complete=True)
         return logs
 
-    def _check_finite(self, callbacks, logs: dict, step: int) -> None:
+    def _check_finite(self, logs: dict, step: int) -> None:
         if not math.isfinite(logs.get("loss", 0.0)):
             raise RunError(f"the training loss became {logs['loss']} by step {step}; training stopped and the last "
                            f"good checkpoint in {self.checkpoints.directory} was kept (lower the learning rate or "
@@ -263,12 +322,20 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint after the current step")
-        self._preempted = True
+        self._sigterm = True
 
-    @staticmethod
-    def _on_main_thread() -> bool:
-        import threading
-        return threading.current_thread() is threading.main_thread()
+    @contextlib.contextmanager
+    def _cluster_errors(self, doing: str):
+        """Turns the errors of collectives aborted by a lost worker into one clear RunError."""
+        try:
+            yield
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError) as err:
+            if not distribute.is_multi_worker(self.strategy):
+                raise
+            raise RunError(
+                f"lost contact with another worker while {doing} at step {int(self.optimizer.iterations.numpy())} "
+                f"({type(err).__name__}: a worker died, froze or became unreachable; TensorFlow's log above names "
+                f"it); rerun every worker with the same command to resume from the last checkpoint") from None
 
 
 class Preempted(Exception):

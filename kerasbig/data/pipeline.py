@@ -1,9 +1,12 @@
 """tf.data input pipelines for training and evaluation under any tf.distribute strategy.
 
-Sharding is explicit rather than left to tf.data's auto-shard: each input pipeline builds the same globally
-shuffled stream of *global* batches and keeps only its own slice of every batch, then splits that slice into
-per-replica batches. So replica r of any strategy sees exactly the examples it would see with any other
-replica count, which is what makes one device, MirroredStrategy and MultiWorkerMirroredStrategy agree.
+Sharding is explicit rather than left to tf.data's auto-shard (which would shard in-memory data by FILE and
+fail): every input pipeline builds the same globally shuffled stream of *global* batches and keeps only its own
+slice of every batch (the DATA policy, batch by batch), then splits that slice into per-replica batches. So each
+step trains on the same global batch whatever the number of replicas and workers, which is what makes one
+device, MirroredStrategy and MultiWorkerMirroredStrategy agree, and a resumed run replay the same data. The cost
+is that every worker reads the whole stream: right for the in-memory datasets here; for a large file-based
+dataset, shard its files instead.
 """
 from __future__ import annotations
 
@@ -12,27 +15,24 @@ import tensorflow as tf
 from kerasbig.data.spec import Task
 
 
-def _split_for_pipeline(batch, context: tf.distribute.InputContext | None):
-    """Keeps this pipeline's slice of a global batch and reshapes it to [replicas_here, per_replica, ...]."""
+def _distribute(batches: tf.data.Dataset, task: Task, global_batch: int,
+                context: tf.distribute.InputContext | None) -> tf.data.Dataset:
+    """Keeps this input pipeline's slice of every global batch, preprocesses it, and yields it as one
+    batch per local replica, in replica order. The slice sizes are Python ints, so shapes stay static
+    (as TPUs need)."""
     pipelines = context.num_input_pipelines if context else 1
-    replicas = context.num_replicas_in_sync if context else 1
-    here = replicas // pipelines
-    pipeline_id = context.input_pipeline_id if context else 0
+    here = (context.num_replicas_in_sync if context else 1) // pipelines
+    per_pipeline = global_batch // pipelines
+    start = (context.input_pipeline_id if context else 0) * per_pipeline
 
-    def split(t):
-        per_pipeline = tf.shape(t)[0] // pipelines
-        mine = t[pipeline_id * per_pipeline:(pipeline_id + 1) * per_pipeline]
-        return tf.reshape(mine, tf.concat([[here, per_pipeline // here], tf.shape(t)[1:]], 0))
+    def per_replica(t):
+        return tf.reshape(t, tf.concat([[here, per_pipeline // here], tf.shape(t)[1:]], 0))
 
-    return tf.nest.map_structure(split, batch)
-
-
-def _distribute(batches: tf.data.Dataset, task: Task, context) -> tf.data.Dataset:
     def prepare(x, *rest):
-        return (task.preprocess(x), *rest)
+        x, *rest = (t[start:start + per_pipeline] for t in (x, *rest))
+        return tuple(per_replica(t) for t in (task.preprocess(x), *rest))
 
-    batches = batches.map(lambda *b: _split_for_pipeline(prepare(*b), context), num_parallel_calls=tf.data.AUTOTUNE)
-    return batches.unbatch().prefetch(tf.data.AUTOTUNE)  # one element per local replica, in replica order
+    return batches.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).unbatch().prefetch(tf.data.AUTOTUNE)
 
 
 def train_batches(task: Task, *, global_batch: int, epoch: int, seed: int, skip_batches: int = 0,
@@ -49,7 +49,7 @@ def train_batches(task: Task, *, global_batch: int, epoch: int, seed: int, skip_
     else:
         examples = examples.map(lambda index, example: example)
     batches = examples.batch(global_batch, drop_remainder=True).skip(skip_batches)
-    return _distribute(batches, task, context)
+    return _distribute(batches, task, global_batch, context)
 
 
 def eval_batches(task: Task, split: str, *, global_batch: int,
@@ -60,7 +60,7 @@ def eval_batches(task: Task, split: str, *, global_batch: int,
     padding = (-task.num_examples[split]) % global_batch
     filler = examples.take(1).map(lambda x, y, w: (x, y, tf.constant(0.0))).repeat(padding)
     batches = examples.concatenate(filler).batch(global_batch, drop_remainder=True)
-    return _distribute(batches, task, context)
+    return _distribute(batches, task, global_batch, context)
 
 
 def steps_per_epoch(task: Task, global_batch: int) -> int:
