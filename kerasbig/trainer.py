@@ -205,7 +205,8 @@ class Trainer:
             raise RunError(f"the weights are no longer finite at step {step}; training stopped and the last "
                            f"good checkpoint in {self.checkpoints.directory} was kept (lower the learning rate "
                            "or set --config.optimizer.clip_norm)")
-        state = {"step": step, "complete": complete, "callbacks": {}}
+        state = {"step": step, "complete": complete, "stopped_early": complete and bool(self.model.stop_training),
+                 "callbacks": {}}
         arrays = {}
         for callback in callbacks:
             if hasattr(callback, "get_state"):
@@ -248,7 +249,7 @@ class Trainer:
     def fit(self, callbacks: list[keras.callbacks.Callback], *, verbose: bool = True) -> dict[str, float]:
         """Trains to `total_steps`, resuming from the latest checkpoint; returns the last epoch's logs."""
         state = self.restore(callbacks)
-        if state and state["complete"]:
+        if state and state["complete"] and (state.get("stopped_early") or state["step"] >= self.total_steps):
             print(f"Training in {self.workdir} is already complete (step {state['step']}); nothing to resume.")
             return {}
         step = int(self.optimizer.iterations.numpy())

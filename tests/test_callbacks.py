@@ -270,3 +270,13 @@ def test_non_finite_loss_stops_within_one_execution(steps_per_execution, bad_ste
 
     assert stopper.bad_step == bad_step == int(model.optimizer.iterations)
     assert f"step {bad_step}" in stopper.message
+
+
+@pytest.mark.parametrize("monitor, better", [("val_accuracy", 0.9), ("val_loss", 0.1)])
+def test_early_stopping_auto_mode_follows_the_metric_name(monitor, better):
+    stopper = EarlyStopping(monitor=monitor, patience=0)
+    stopper.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    stopper.on_train_begin()
+    stopper.on_epoch_end(0, {monitor: 0.5})
+    stopper.on_epoch_end(1, {monitor: better})
+    assert stopper.wait == 0 and stopper.best == better

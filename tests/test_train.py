@@ -140,3 +140,14 @@ def test_interrupted_export_leaves_no_version(tmp_path, monkeypatch):
         export.export(model, task, base=tmp_path, name="digits", record={})
     assert list((tmp_path / "digits").iterdir()) == []
     assert isinstance(model, keras.Model)
+
+
+def test_finished_run_trains_on_when_given_more_steps(train, tmp_path):
+    workdir = tmp_path / "run"
+    args = ["--config=configs/digits_mlp.py", "--config.model.hidden=(16,)", f"--workdir={workdir}", "--mode=train"]
+    train(*args, "--config.train.steps=10")
+    same = train(*args, "--config.train.steps=10")
+    assert "already complete (step 10)" in same.stdout
+    more = train(*args, "--config.train.steps=25")
+    assert "Resuming from step 10" in more.stdout
+    assert latest_checkpoint(workdir).name == "step-00000025"

@@ -6,6 +6,7 @@ import keras
 from kerasbig.errors import UsageError
 
 MODES = ("auto", "min", "max")
+MAXIMIZED = ("acc", "auc", "f1", "precision", "recall")  # metric names that `mode="auto"` maximises
 
 
 class EarlyStopping(keras.callbacks.EarlyStopping):
@@ -32,6 +33,8 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
         if patience < 0 or start_from_epoch < 0:
             raise UsageError(f"early stopping patience and start_from_epoch must be >= 0, "
                              f"got {patience} and {start_from_epoch}")
+        if mode == "auto":  # Keras 3 decides only from compiled metrics; kerasbig's loop logs plain names
+            mode = "max" if any(word in monitor for word in MAXIMIZED) else "min"
         super().__init__(monitor=monitor, min_delta=min_delta, patience=patience, verbose=verbose, mode=mode,
                          baseline=baseline, restore_best_weights=restore_best_weights,
                          start_from_epoch=start_from_epoch)
