@@ -18,7 +18,8 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from kerasbig import cli, config as config_lib, data, distribute, evaluation, export, models
-from kerasbig.callbacks import EarlyStopping, LearningRateScheduler, Throughput, WarmupDecay, peak_flops_per_device
+from kerasbig.callbacks import (Dashboard, EarlyStopping, LearningRateScheduler, Throughput, WarmupDecay,
+                                peak_flops_per_device)
 from kerasbig.data.spec import LANGUAGE_MODEL
 from kerasbig.errors import RunError, UsageError
 from kerasbig.models import sizing
@@ -134,7 +135,8 @@ def run() -> None:
     trainer = Trainer(model, optimizer, task, strategy, config, workdir, is_chief=chief, seed=FLAGS.seed)
     callbacks = make_callbacks(config, workdir if chief else None, task=task, total_steps=trainer.total_steps,
                                replicas=strategy.num_replicas_in_sync,
-                               flops_per_step=estimate.train_flops_per_example * config.data.batch_size)
+                               flops_per_step=estimate.train_flops_per_example * config.data.batch_size,
+                               validation_predictions=trainer.latest_validation)
     if FLAGS.mode in ("train", "train_and_export"):
         try:
             trainer.fit(callbacks)
@@ -184,7 +186,7 @@ def export_quantized(model, task, *, float_version: pathlib.Path, record: dict, 
 
 
 def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: int, replicas: int,
-                   flops_per_step: float | None) -> list:
+                   flops_per_step: float | None, validation_predictions=None) -> list:
     """The callbacks of a run: learning-rate schedule, early stopping, throughput and TensorBoard.
     `workdir` is None on non-chief workers, which write no logs."""
     train_logs = str(workdir / "train") if workdir else None
@@ -205,7 +207,10 @@ def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: i
     callbacks.append(Throughput(batch, tokens, flops_per_step, peak * replicas if peak else None,
                                 log_dir=train_logs, log_every_steps=config.train.log_every_steps))
     if workdir is not None:
-        callbacks.append(keras.callbacks.TensorBoard(str(workdir), update_freq="epoch"))
+        hparams = {**config_lib.to_dict(config),
+                   "run": {"seed": FLAGS.seed, "mixed_precision": FLAGS.mixed_precision, "replicas": replicas}}
+        callbacks.append(Dashboard(str(workdir), hparams, task=task, validation_predictions=validation_predictions,
+                                   log_every_steps=config.train.log_every_steps))
     return callbacks
 
 
