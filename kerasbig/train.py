@@ -18,8 +18,8 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from kerasbig import cli, config as config_lib, data, distribute, evaluation, export, models
-from kerasbig.callbacks import (Dashboard, EarlyStopping, LearningRateScheduler, Throughput, WarmupDecay,
-                                peak_flops_per_device)
+from kerasbig.callbacks import (Dashboard, EarlyStopping, LearningRateScheduler, ProfileSteps, Throughput,
+                                WarmupDecay, peak_flops_per_device)
 from kerasbig.data.spec import LANGUAGE_MODEL
 from kerasbig.errors import RunError, UsageError
 from kerasbig.models import sizing
@@ -39,6 +39,8 @@ flags.DEFINE_integer("num_cpu_replicas", 0, "Split the CPU into N logical device
 flags.DEFINE_string("mixed_precision", "float32", f"One of {', '.join(PRECISIONS)}.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, dropout, shuffling and augmentation.")
 flags.DEFINE_boolean("deterministic", False, "Make TensorFlow ops deterministic (slower).")
+flags.DEFINE_list("profile_steps", [], "Profile global steps A,B (inclusive) for TensorBoard's Profile tab "
+                  "(view it with the [profile] extra).")
 FLAGS = flags.FLAGS
 
 
@@ -68,6 +70,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     for name, accepted in (("mode", MODES), ("mixed_precision", PRECISIONS), ("strategy", distribute.STRATEGIES)):
         if FLAGS[name].value not in accepted:
             cli.fail(2, f"--{name}={FLAGS[name].value!r} is not one of {list(accepted)}")
+    if FLAGS.profile_steps and (len(FLAGS.profile_steps) != 2 or not all(s.isdigit() for s in FLAGS.profile_steps)):
+        cli.fail(2, f"--profile_steps={','.join(FLAGS.profile_steps)} must be two step numbers A,B, e.g. 20,30")
     if FLAGS.num_cpu_replicas < 0:
         cli.fail(2, f"--num_cpu_replicas={FLAGS.num_cpu_replicas} must be >= 0")
     return rest
@@ -211,6 +215,8 @@ def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: i
                    "run": {"seed": FLAGS.seed, "mixed_precision": FLAGS.mixed_precision, "replicas": replicas}}
         callbacks.append(Dashboard(str(workdir), hparams, task=task, validation_predictions=validation_predictions,
                                    log_every_steps=config.train.log_every_steps))
+        if FLAGS.profile_steps:
+            callbacks.append(ProfileSteps(train_logs, *map(int, FLAGS.profile_steps)))
     return callbacks
 
 

@@ -280,3 +280,12 @@ def test_early_stopping_auto_mode_follows_the_metric_name(monitor, better):
     stopper.on_epoch_end(0, {monitor: 0.5})
     stopper.on_epoch_end(1, {monitor: better})
     assert stopper.wait == 0 and stopper.best == better
+
+
+def test_profile_steps_writes_a_trace_of_the_chosen_steps(tmp_path):
+    from kerasbig.callbacks import ProfileSteps
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    model.fit(np.ones((32, 4)), np.ones((32, 2)), batch_size=4, verbose=0,
+              callbacks=[ProfileSteps(str(tmp_path), 2, 3)])
+    assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
