@@ -128,7 +128,7 @@ def test_classification_examples_are_text_with_every_class_in_every_split():
         assert labels.dtype == np.int32 and len(labels) == task.num_examples[split]
         assert set(labels) == set(range(spec.num_classes))
         assert all(len(snippet) == CLS_SEQ_LEN for snippet in snippets)
-        assert np.bincount(labels).max() <= (600 if split == "train" else 75)
+        assert np.bincount(labels).max() <= (2400 if split == "train" else 75)
 
 
 def test_classification_preprocess_gives_the_bytes_of_each_snippet():
