@@ -151,3 +151,14 @@ def test_finished_run_trains_on_when_given_more_steps(train, tmp_path):
     more = train(*args, "--config.train.steps=25")
     assert "Resuming from step 10" in more.stdout
     assert latest_checkpoint(workdir).name == "step-00000025"
+
+
+def test_gradient_accumulation_matches_the_full_batch(train, tmp_path):
+    """Micro-batches summed into one optimizer step give the full batch's update (MLP without dropout)."""
+    args = ["--config=configs/digits_mlp.py", "--config.model.hidden=(32,)", "--config.model.dropout=0.0",
+            "--config.train.steps=20", "--deterministic", "--mode=train"]
+    train(*args, f"--workdir={tmp_path / 'full'}")
+    train(*args, "--config.optimizer.accumulation_steps=4", f"--workdir={tmp_path / 'micro'}")
+    for a, b in zip(checkpoint_weights(latest_checkpoint(tmp_path / "full")),
+                    checkpoint_weights(latest_checkpoint(tmp_path / "micro"))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
