@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -25,3 +26,20 @@ def kerasbig(module: str, *args: str, timeout: float = 600, env: dict | None = N
 def train():
     """`train(*args)` runs `python -m kerasbig.train` and returns the CompletedProcess."""
     return lambda *args, **kwargs: kerasbig("train", *args, **kwargs)
+
+
+def free_port() -> int:
+    """A localhost port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Terminates a server started by a test, killing it if it does not exit in 10 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

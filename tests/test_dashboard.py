@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import TENSORS, EventAccumulator
 
-from conftest import REPO, kerasbig
+from conftest import REPO, free_port, kerasbig, stop
 from kerasbig import generation
 from kerasbig.callbacks import dashboard
 from kerasbig.callbacks.dashboard import Dashboard, code_block, confusion_image, confusion_matrix, image_grid
@@ -111,10 +110,6 @@ def test_language_model_sample_continues_a_validation_prompt(tmp_path):
 
 
 # ---- real runs, a real TensorBoard, a real browser --------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get(url: str, body: dict | None = None):
@@ -171,12 +166,7 @@ def board(logdir, tmp_path_factory) -> str:
         wait_for(loaded, what="TensorBoard to load the runs")
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @pytest.mark.slow

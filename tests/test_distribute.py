@@ -4,7 +4,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 pytestmark = pytest.mark.slow
 MLP = ["--config=configs/digits_mlp.py", "--config.model.hidden=(16,)", "--config.model.dropout=0.0",
@@ -21,10 +20,6 @@ MLP = ["--config=configs/digits_mlp.py", "--config.model.hidden=(16,)", "--confi
 MIRRORED = ["--strategy=mirrored", "--num_cpu_replicas=2"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_workers(*args: str, folders: list[pathlib.Path]) -> list[subprocess.Popen]:

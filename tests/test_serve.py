@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from kerasbig import predict
 from kerasbig.errors import RunError, UsageError
+from conftest import free_port, stop
 
 pytestmark = pytest.mark.slow  # server processes
 
@@ -99,10 +100,6 @@ def base_path(tmp_path_factory) -> Path:
     return base
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def command(module: str, *flags: str) -> list[str]:
@@ -125,12 +122,7 @@ def running_server(base: Path, log_path: Path, *flags: str):
             time.sleep(0.1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @pytest.fixture(scope="module")
