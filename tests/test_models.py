@@ -165,3 +165,26 @@ def test_bad_hyperparameters_raise_usage_error(name, spec, hyperparameters, mess
 
 def test_builders_are_registered():
     assert {"resnet", "rnn", "transformer", "gpt"} <= set(models.BUILDERS)
+
+
+def test_transformer_patches_group_tokens_and_ignore_padding_patches():
+    spec = DataSpec("classification", "text", (16,), "int32", 3)
+    model = models.build(spec, ml_collections.ConfigDict(
+        {"name": "transformer", "width": 16, "depth": 1, "heads": 2, "patch_size": 4, "dropout": 0.0}))
+    assert model.get_layer("position_embedding").max_length == 4
+    tokens = np.array([[5, 6, 7, 8, 9, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], "int32")
+    # Whole patches of padding are neither attended to nor pooled: changing the pad embedding changes nothing.
+    before = model.predict(tokens, verbose=0)
+    embedding = model.get_layer("token_embedding")
+    table = embedding.embeddings.numpy()
+    table[0] += 1.0
+    embedding.embeddings.assign(table)
+    with pytest.raises(AssertionError):  # the partly padded patch 2 does see its padding bytes
+        np.testing.assert_allclose(model.predict(tokens, verbose=0), before, atol=1e-6)
+    fully_padded = np.array([[5, 6, 7, 8] + [0] * 12], "int32")
+    first = model.predict(fully_padded, verbose=0)
+    table[0] -= 5.0
+    embedding.embeddings.assign(table)
+    np.testing.assert_allclose(model.predict(fully_padded, verbose=0), first, atol=1e-5)
+    with pytest.raises(UsageError, match="patch_size=5"):
+        models.build(spec, ml_collections.ConfigDict({"name": "transformer", "patch_size": 5}))

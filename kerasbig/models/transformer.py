@@ -1,8 +1,11 @@
 """Transformer encoder classifier over token ids, and the learned position embedding GPT shares.
 
-    tokens -> token + position embeddings -> depth x pre-LayerNorm encoder block -> LayerNorm -> pool -> logits
+    tokens -> token embeddings [-> patches of `patch_size` tokens] + position embeddings
+           -> depth x pre-LayerNorm encoder block -> LayerNorm -> pool -> logits
 
-Token id 0 is padding: padded positions are neither attended to nor pooled.
+Token id 0 is padding: padded positions are neither attended to nor pooled. With `patch_size` p > 1, each run
+of p token embeddings is concatenated and projected to one position (byte n-grams as units): attention
+then costs p^2 less and the rest p less, which is what makes byte-level classification affordable on a CPU.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ def _encoder_block(x, attention_mask, *, heads: int, mlp_ratio: int, dropout: fl
 
 
 def _check(spec: DataSpec, vocab_size: int, width: int, depth: int, heads: int, mlp_ratio: int,
-           dropout: float, pooling: str) -> None:
+           dropout: float, pooling: str, patch_size: int) -> None:
     if spec.kind != CLASSIFICATION or len(spec.input_shape) != 1:
         raise UsageError(f"transformer classifies token sequences; the data is {spec.kind!r} with input shape "
                          f"{spec.input_shape} (use gpt for language models)")
@@ -68,10 +71,14 @@ def _check(spec: DataSpec, vocab_size: int, width: int, depth: int, heads: int, 
         raise UsageError(f"transformer dropout={dropout} must be in [0, 1)")
     if pooling not in POOLINGS:
         raise UsageError(f"transformer pooling={pooling!r} is not one of {POOLINGS}")
+    if patch_size < 1 or spec.seq_len % patch_size:
+        raise UsageError(f"transformer patch_size={patch_size} must be positive and divide the sequence length "
+                         f"{spec.seq_len}")
 
 
 def build_transformer(spec: DataSpec, *, vocab_size: int = 256, width: int = 128, depth: int = 2, heads: int = 4,
-                      mlp_ratio: int = 4, dropout: float = 0.1, pooling: str = "mean") -> keras.Model:
+                      mlp_ratio: int = 4, dropout: float = 0.1, pooling: str = "mean",
+                      patch_size: int = 1) -> keras.Model:
     """A pre-LayerNorm transformer encoder classifying sequences of token ids below `vocab_size`.
 
     >>> from kerasbig.data.spec import DataSpec
@@ -79,11 +86,16 @@ def build_transformer(spec: DataSpec, *, vocab_size: int = 256, width: int = 128
     >>> build_transformer(spec, width=32, heads=2).output_shape
     (None, 2)
     """
-    _check(spec, vocab_size, width, depth, heads, mlp_ratio, dropout, pooling)
+    _check(spec, vocab_size, width, depth, heads, mlp_ratio, dropout, pooling, patch_size)
     tokens = keras.Input(spec.input_shape, dtype=spec.input_dtype, name=spec.input_name)
     keep = ops.not_equal(tokens, 0)  # [batch, length]: False at padding
     x = keras.layers.Embedding(vocab_size, width, name="token_embedding")(tokens)
-    x = PositionEmbedding(spec.seq_len, name="position_embedding")(x)
+    if patch_size > 1:
+        length = spec.seq_len // patch_size
+        x = keras.layers.Reshape((length, patch_size * width), name="patches")(x)
+        x = keras.layers.Dense(width, name="patch_projection")(x)
+        keep = ops.any(ops.reshape(keep, (-1, length, patch_size)), axis=-1)  # a patch counts if any token does
+    x = PositionEmbedding(x.shape[1], name="position_embedding")(x)
     x = keras.layers.Dropout(dropout)(x)
     for i in range(depth):
         x = _encoder_block(x, keep[:, None, :], heads=heads, mlp_ratio=mlp_ratio, dropout=dropout,
