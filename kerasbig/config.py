@@ -12,10 +12,10 @@ import pathlib
 
 import ml_collections
 
+from kerasbig.callbacks.lr_schedule import DECAYS
 from kerasbig.errors import UsageError
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
-DECAYS = ("cosine", "linear", "exponential", "step", "constant")
 
 
 def base() -> ml_collections.ConfigDict:
