@@ -14,6 +14,7 @@ import ml_collections
 
 from kerasbig.callbacks.lr_schedule import DECAYS
 from kerasbig.errors import UsageError
+from kerasbig.files import write_atomically
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
 
@@ -119,9 +120,7 @@ def check_batch(config: ml_collections.ConfigDict, *, train_examples: int, repli
 
 def save_json(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
     """Writes the resolved config atomically."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_atomically(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:

@@ -10,7 +10,6 @@ Verification entry point (run by `export` itself): `python -m kerasbig.export SA
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from kerasbig.data.spec import CLASSIFICATION, Task
 from kerasbig.errors import RunError
+from kerasbig.files import write_atomically
 
 WARMUP_EXAMPLES = 8
 
@@ -99,9 +99,7 @@ def write_models_config(base: pathlib.Path, *, stable_label: bool = True) -> pat
         for label, version in labels.items():
             entry.version_labels[label] = version
     path = base / "models.config"
-    tmp = base / ".models.config.tmp"
-    tmp.write_text(text_format.MessageToString(config))
-    tmp.replace(path)
+    write_atomically(path, text_format.MessageToString(config))
     return path
 
 
@@ -175,5 +173,4 @@ def _check(directory: str, samples_path: str) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _check(*sys.argv[1:3])

@@ -22,6 +22,7 @@ from kerasbig.callbacks import (Dashboard, EarlyStopping, LearningRateScheduler,
                                 WarmupDecay, peak_flops_per_device)
 from kerasbig.data.spec import LANGUAGE_MODEL
 from kerasbig.errors import RunError, UsageError
+from kerasbig.files import write_atomically
 from kerasbig.models import sizing
 from kerasbig.trainer import Preempted, Trainer
 
@@ -157,9 +158,7 @@ def run() -> None:
         metrics = evaluation.metrics(task.spec.kind, sums, labels, predictions, task.spec.num_classes)
         print(f"Test: {evaluation.summary_line(metrics)}")
         if chief:
-            tmp = metrics_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"split": "test", **metrics}, indent=2))
-            tmp.replace(metrics_path)
+            write_atomically(metrics_path, json.dumps({"split": "test", **metrics}, indent=2))
     print(f"Logs: {workdir}  (tensorboard --logdir {workdir.parent})")
 
     if FLAGS.mode in ("train_and_export", "export") and chief:
