@@ -4,9 +4,6 @@ EXTRAS ?= cpu
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
-# tensorflow-serving-api asks for the full `tensorflow` wheel; only its protos are used, so it goes in
-# without dependencies and a CPU machine keeps tensorflow-cpu.
-SERVING_API := tensorflow-serving-api>=2.20,<2.22
 
 .PHONY: install train test bench clean chromium
 
@@ -16,7 +13,6 @@ $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[$(EXTRAS),test]'
-	$(PY) -m pip install -q --no-deps '$(SERVING_API)'
 	touch $@
 
 train: $(STAMP)

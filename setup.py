@@ -19,10 +19,16 @@ setup(
         "ml-collections>=0.1.1,<2",
         "scikit-learn>=1.3,<2",
         "numpy>=1.26,<3",
+        # TF Serving's own protos (warmup records, models.config, the gRPC API) come only with
+        # tensorflow-serving-api, which requires the `tensorflow` distribution by name: with `tensorflow-cpu`
+        # beside it pip would install both, one overwriting the other. So the base is the full `tensorflow`
+        # wheel, which runs as it is on machines without GPUs; the CUDA libraries come only with [gpu].
+        "tensorflow" + TF_RANGE,
+        "tensorflow-serving-api" + TF_RANGE,
+        "grpcio>=1.60,<2",
     ],
     extras_require={
-        # TensorFlow comes through an extra so that a CPU machine never pulls the GPU wheel.
-        "cpu": ["tensorflow-cpu" + TF_RANGE],
+        "cpu": [],  # kept so that `pip install kerasbig[cpu]` keeps working: the base already runs on CPUs
         "gpu": ["tensorflow[and-cuda]" + TF_RANGE],
         "profile": ["tensorboard-plugin-profile>=2.15"],
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "pytest-timeout>=2.3,<3"],

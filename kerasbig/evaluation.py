@@ -41,7 +41,7 @@ def accuracy(model: keras.Model, task: Task, split: str = "test", batch_size: in
     """Accuracy (per token for language models) of `model` on the raw examples of `split`, through
     `task.preprocess` on one device: the path a serving request takes. Compares float and int8 exports."""
     correct = total = 0
-    for x, y in getattr(task, split).batch(batch_size):
+    for x, y in task.examples(split).batch(batch_size):
         predictions = tf.argmax(model(task.preprocess(x), training=False), -1, output_type=y.dtype)
         correct += int(tf.reduce_sum(tf.cast(predictions == y, tf.int32)))
         total += int(tf.size(y))

@@ -24,6 +24,7 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from kerasbig import versions
 from kerasbig.data.spec import CLASSIFICATION, Task
 from kerasbig.errors import RunError
 from kerasbig.files import write_atomically
@@ -44,13 +45,12 @@ def serving_function(model: keras.Model, task: Task):
 
 
 def next_version(base: pathlib.Path) -> int:
-    versions = [int(p.name) for p in base.glob("*") if p.name.isdigit()] if base.is_dir() else []
-    return max(versions, default=0) + 1
+    return max(versions.folders(base), default=0) + 1
 
 
 def sample_inputs(task: Task, n: int = WARMUP_EXAMPLES) -> np.ndarray:
     """A few real test inputs, for warmup requests and the fresh-process check."""
-    return np.stack([x.numpy() for x, _ in task.test.take(n)])
+    return np.stack([x.numpy() for x, _ in task.examples("test").take(n)])
 
 
 def _write_warmup(path: pathlib.Path, name: str, input_name: str, samples: np.ndarray) -> None:
@@ -86,16 +86,16 @@ def write_models_config(base: pathlib.Path, *, stable_label: bool = True) -> pat
     version under the label `int8` when there is one."""
     config = model_server_config_pb2.ModelServerConfig()
     for model_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
-        if not versions:
+        found = versions.folders(model_dir)
+        if not found:
             continue
         newest = {}
-        for version in versions:
-            newest[_quantization(model_dir / str(version)) or "stable"] = version
+        for version, folder in found.items():
+            newest[_quantization(folder) or "stable"] = version
         labels = {label: v for label, v in newest.items() if label != "stable" or stable_label}
         entry = config.model_config_list.config.add(name=model_dir.name, base_path=f"/models/{model_dir.name}",
                                                     model_platform="tensorflow")
-        entry.model_version_policy.specific.versions.extend(sorted({versions[-1], *labels.values()}))
+        entry.model_version_policy.specific.versions.extend(sorted({max(found), *labels.values()}))
         for label, version in labels.items():
             entry.version_labels[label] = version
     path = base / "models.config"

@@ -34,7 +34,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from kerasbig import cli
+from kerasbig import cli, versions
 from kerasbig.errors import RunError, UsageError
 
 FLAGS = flags.FLAGS
@@ -112,11 +112,7 @@ class Repository:
         """Version folders holding a saved_model.pb, oldest first; exports in progress (`.tmp-*`) are not versions."""
         if name.startswith(".") or (self.model_name and name != self.model_name):  # ".." would leave base_path
             return []
-        try:
-            folders = list((self.base_path / name).iterdir())
-        except OSError:
-            return []
-        return sorted(int(f.name) for f in folders if f.name.isdecimal() and (f / "saved_model.pb").is_file())
+        return [v for v, folder in versions.folders(self.base_path / name).items() if (folder / "saved_model.pb").is_file()]
 
     def labels(self, name: str) -> dict[str, int]:
         """`version_labels` of `name` in `<base_path>/models.config` (the file for TF Serving's --model_config_file)."""

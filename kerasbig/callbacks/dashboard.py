@@ -186,13 +186,13 @@ def _image_inputs(task: Task) -> np.ndarray | None:
     shape = task.spec.input_shape
     if len(shape) != 3 or shape[-1] not in (1, 3):
         return None
-    raw = next(iter(task.validation.batch(IMAGE_POOL)))[0]
+    raw = next(iter(task.examples("validation").batch(IMAGE_POOL)))[0]
     return np.asarray(task.preprocess(raw), np.float32)
 
 
 def _prompt(task: Task) -> list[int]:
     """The start of the first validation window: what generated samples continue."""
-    tokens = np.asarray(next(iter(task.validation))[0])
+    tokens = np.asarray(next(iter(task.examples("validation")))[0])
     return tokens[:min(PROMPT_TOKENS, len(tokens) // 2)].tolist()
 
 

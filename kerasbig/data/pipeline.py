@@ -29,8 +29,8 @@ def _distribute(batches: tf.data.Dataset, task: Task, global_batch: int,
         return tf.reshape(t, tf.concat([[here, per_pipeline // here], tf.shape(t)[1:]], 0))
 
     def prepare(x, *rest):
-        x, *rest = (t[start:start + per_pipeline] for t in (x, *rest))
-        return tuple(per_replica(t) for t in (task.preprocess(x), *rest))
+        x, *rest = (tf.nest.map_structure(lambda t: t[start:start + per_pipeline], t) for t in (x, *rest))
+        return tuple(tf.nest.map_structure(per_replica, t) for t in (task.preprocess(x), *rest))
 
     return batches.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).unbatch().prefetch(tf.data.AUTOTUNE)
 
@@ -41,14 +41,15 @@ def train_batches(task: Task, *, global_batch: int, epoch: int, seed: int, skip_
     so a resumed run skips the batches it has done and continues with the same data."""
     n = task.num_examples["train"]
     examples = task.train.enumerate().shuffle(n, seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
-    if task.augment is not None:
-        def augment(index, example):
-            x, y = example
-            return task.augment(x, tf.stack([tf.cast(seed, tf.int64), epoch * n + index])), y
-        examples = examples.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        examples = examples.map(lambda index, example: example)
-    batches = examples.batch(global_batch, drop_remainder=True).skip(skip_batches)
+    examples = examples.take(steps_per_epoch(task, global_batch) * global_batch).skip(skip_batches * global_batch)
+    load = task.load or (lambda *example: example)
+
+    def prepare(index, stored):
+        x, y = load(*stored) if isinstance(stored, tuple) else load(stored)
+        if task.augment is not None:
+            x = task.augment(x, tf.stack([tf.cast(seed, tf.int64), epoch * n + index]))
+        return x, y
+    batches = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(global_batch, drop_remainder=True)
     return _distribute(batches, task, global_batch, context)
 
 
@@ -56,7 +57,7 @@ def eval_batches(task: Task, split: str, *, global_batch: int,
                  context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """Every example of `split` once, as (x, y, weight); the last batch is filled with weight-0 copies so
     all replicas get equal batches and the weighted metrics are exact."""
-    examples = getattr(task, split).map(lambda x, y: (x, y, tf.constant(1.0)))
+    examples = task.examples(split).map(lambda x, y: (x, y, tf.constant(1.0)))
     padding = (-task.num_examples[split]) % global_batch
     filler = examples.take(1).map(lambda x, y, w: (x, y, tf.constant(0.0))).repeat(padding)
     batches = examples.concatenate(filler).batch(global_batch, drop_remainder=True)

@@ -36,12 +36,15 @@ class DataSpec:
 
 @dataclasses.dataclass
 class Task:
-    """A dataset split three ways, as unbatched raw `(input, label)` examples.
+    """A dataset split three ways, as unbatched stored examples that `load` turns into raw `(input, label)`.
 
-    Raw inputs are what a serving client sends (digits: 0-16 pixels, shape (8, 8)). `preprocess` maps a
-    *batch* of raw inputs to model inputs; the training pipeline and the SavedModel signature both apply
-    it, so clients never repeat it. `augment(raw_example, seed)` (training only) takes a stateless seed
-    of shape [2] so that augmentation replays exactly after a resume.
+    Raw inputs are what a serving client sends (digits: 0-16 pixels, shape (8, 8)); an input may be a dict of
+    named features. `preprocess` maps a *batch* of raw inputs to model inputs; the training pipeline and the
+    SavedModel signature both apply it, so clients never repeat it. `augment(raw_example, seed)` (training
+    only) takes a stateless seed of shape [2] so that augmentation replays exactly after a resume.
+    `load(stored) -> (input, label)` runs after shuffling and skipping, so that shuffle buffers hold light
+    stored examples (a file path and its label, an offset into token shards) and skipped ones are never
+    decoded; None when the splits hold the raw examples themselves. Read splits through `examples(split)`.
     """
 
     spec: DataSpec
@@ -52,3 +55,9 @@ class Task:
     serving_input: tf.TensorSpec  # a batch of raw inputs, e.g. TensorSpec([None, 8, 8], tf.float32, "image")
     preprocess: Callable[[tf.Tensor], tf.Tensor] = lambda x: x
     augment: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None
+    load: Callable[..., tuple] | None = None
+
+    def examples(self, split: str) -> tf.data.Dataset:
+        """The raw `(input, label)` examples of `split`, in its stored order."""
+        stored = getattr(self, split)
+        return stored if self.load is None else stored.map(self.load, num_parallel_calls=tf.data.AUTOTUNE)
