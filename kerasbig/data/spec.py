@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
 
 CLASSIFICATION = "classification"
@@ -45,6 +46,8 @@ class Task:
     `load(stored) -> (input, label)` runs after shuffling and skipping, so that shuffle buffers hold light
     stored examples (a file path and its label, an offset into token shards) and skipped ones are never
     decoded; None when the splits hold the raw examples themselves. Read splits through `examples(split)`.
+    `token_bytes[id]` (language models) is how many bytes of text token `id` stands for, so that evaluation
+    reports bits per byte honestly whatever the tokenizer.
     """
 
     spec: DataSpec
@@ -56,6 +59,7 @@ class Task:
     preprocess: Callable[[tf.Tensor], tf.Tensor] = lambda x: x
     augment: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None
     load: Callable[..., tuple] | None = None
+    token_bytes: np.ndarray | None = None  # language models: UTF-8 bytes each token id stands for (bits per byte)
 
     def examples(self, split: str) -> tf.data.Dataset:
         """The raw `(input, label)` examples of `split`, in its stored order."""
