@@ -3,8 +3,9 @@ import os
 
 
 def _import_tensorflow_quietly() -> None:
-    """TensorFlow 2.21 prints C++ start-up notices (oneDNN, absl pre-init) that ignore TF_CPP_MIN_LOG_LEVEL;
-    they would bury kerasbig's one-line errors, so stderr is muted while it loads. KERASBIG_TF_LOGS=1 keeps them."""
+    """TensorFlow 2.21 prints C++ start-up notices (oneDNN, absl pre-init, and on machines without a GPU driver a
+    failed cuInit) that ignore TF_CPP_MIN_LOG_LEVEL; they would bury kerasbig's one-line errors, so stderr is muted
+    while it loads and looks for GPUs (which leaves the logical devices unconfigured). KERASBIG_TF_LOGS=1 keeps them."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if os.environ.get("KERASBIG_TF_LOGS") == "1":
         return
@@ -12,7 +13,9 @@ def _import_tensorflow_quietly() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        import tensorflow  # noqa: F401
+        import tensorflow
+
+        tensorflow.config.list_physical_devices("GPU")
     finally:
         os.dup2(saved, 2)
         os.close(saved)
