@@ -8,6 +8,7 @@ times steps per second.
 
     python -m kerasbig.bench                       # all cases, table on stdout
     python -m kerasbig.bench --cases=gpt_small --output=docs/benchmark.md
+    python -m kerasbig.bench --suite=generation    # time per generated token, cached keys/values vs recomputing
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import tensorflow as tf
 from absl import flags
 
@@ -47,9 +49,14 @@ CASES = {case.name: case for case in [
     Case("gpt_small_bf16", "gpt_small", ("--mixed_precision=mixed_bfloat16",), steps=60),
 ]}
 
-flags.DEFINE_list("cases", list(CASES), f"Which cases to run: {', '.join(CASES)}.")
-flags.DEFINE_string("output", "", "Also write the table, with the machine's description, to this Markdown file.")
+SUITES = ("train", "generation")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_enum("suite", "train", SUITES, "train: the training cases; generation: the decoding cache.")
+    flags.DEFINE_list("cases", list(CASES), f"Training cases to run: {', '.join(CASES)}.")
+    flags.DEFINE_string("output", "", "Also write the table, with the machine's description, to this Markdown file.")
 
 
 def _last_scalars(logdir: pathlib.Path, tags: tuple[str, ...]) -> dict[str, float]:
@@ -78,6 +85,39 @@ def run_case(case: Case) -> dict:
             "wall (s)": seconds, "steps": case.steps}
 
 
+def seconds_per_token(model, *, context: int, new_tokens: int, use_cache: bool) -> float:
+    """Greedy decoding time per token after a `context`-token prompt, not counting reading the prompt. The
+    model's context must hold `context + new_tokens + 1` positions so that no run re-encodes a full window."""
+    from kerasbig.generation import generate
+
+    prompt = np.random.default_rng(0).integers(model.output_shape[-1], size=context).tolist()
+
+    def elapsed(count: int) -> float:
+        start = time.perf_counter()
+        generate(model, prompt, count, temperature=0, use_cache=use_cache)
+        return time.perf_counter() - start
+
+    elapsed(3)  # warm up: the first steps trace the graphs (a cache that grows each step, after two)
+    return (elapsed(new_tokens + 1) - elapsed(1)) / new_tokens
+
+
+def generation_rows(new_tokens: int = 16) -> list[dict]:
+    """Milliseconds per generated token with the key/value cache and by recomputing the whole window."""
+    from kerasbig.data.spec import DataSpec
+    from kerasbig.models.gpt import build_gpt
+
+    rows = []
+    for width, depth, context in ((64, 2, 512), (256, 4, 512)):
+        spec = DataSpec("language_model", "tokens", (context + new_tokens + 1,), "int32", 256)
+        model = build_gpt(spec, width=width, depth=depth, heads=4)
+        cached, recomputed = (seconds_per_token(model, context=context, new_tokens=new_tokens, use_cache=use_cache)
+                              for use_cache in (True, False))
+        rows.append({"model": f"gpt width {width}, depth {depth}", "context": context,
+                     "cached (ms/token)": cached * 1e3, "recomputed (ms/token)": recomputed * 1e3,
+                     "speed-up": recomputed / cached})
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     columns = list(rows[0])
     def cell(value):
@@ -93,10 +133,13 @@ def main() -> None:
     unknown = sorted(set(FLAGS.cases) - set(CASES))
     if unknown:
         raise UsageError(f"--cases: unknown {unknown}; choose from {list(CASES)}")
-    rows = []
-    for name in FLAGS.cases:
-        print(f"running {name} ...", flush=True)
-        rows.append(run_case(CASES[name]))
+    if FLAGS.suite == "generation":
+        rows = generation_rows()
+    else:
+        rows = []
+        for name in FLAGS.cases:
+            print(f"running {name} ...", flush=True)
+            rows.append(run_case(CASES[name]))
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, "
                f"Python {platform.python_version()}")
     result = table(rows)
@@ -106,4 +149,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

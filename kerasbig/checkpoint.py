@@ -2,7 +2,8 @@
 
 Layout: `<workdir>/checkpoints/step-00001234/{ckpt.index, ckpt.data-*, state.json, arrays.npz}`. Each is
 written to a temporary folder and renamed, so a reader (or a resume after SIGKILL) never sees half of one.
-Variables are saved by position, which is stable for the same config in any process. Under multi-worker
+Variables are saved under their Keras paths (`model/<path>`, `optimizer/<path>`), so a checkpoint of another
+architecture is told apart from the right one instead of being read into the wrong variables. Under multi-worker
 training every worker saves (saving may need collectives) and only the chief's copy is kept; all workers
 restore from the chief's folder, so it must be on a filesystem they share.
 """
@@ -17,14 +18,31 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from kerasbig.errors import first_line
+
 PREFIX = "step-"
 
 
+def folder(directory: pathlib.Path, step: int) -> pathlib.Path:
+    """Where checkpoint `step` lives: `directory/step-00001234`."""
+    return pathlib.Path(directory) / f"{PREFIX}{step:08d}"
+
+
 def saved_steps(directory: pathlib.Path) -> list[int]:
-    """The steps of the complete checkpoints under `directory`, oldest first."""
+    """The steps of the complete checkpoints under `directory` (state.json is written last), oldest first."""
+    directory = pathlib.Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(int(p.name[len(PREFIX):]) for p in directory.glob(PREFIX + "*") if p.name[len(PREFIX):].isdigit())
+    names = (p.name[len(PREFIX):] for p in directory.glob(PREFIX + "*") if (p / "state.json").is_file())
+    return sorted(int(name) for name in names if name.isdigit())
+
+
+def by_path(variables) -> dict:
+    """{Keras path: backing variable}, what a checkpoint stores; raises if two variables share a path."""
+    paths = {v.path: v.value for v in variables}
+    if len(paths) != len(variables):
+        raise ValueError("variables with the same path cannot be checkpointed by path")
+    return paths
 
 
 class Checkpoints:
@@ -38,8 +56,7 @@ class Checkpoints:
         self.keep = keep
         self.is_chief = is_chief
         self._options = tf.train.CheckpointOptions(experimental_io_device=io_device)
-        self._checkpoint = tf.train.Checkpoint(
-            model=[v.value for v in model.variables], optimizer=[v.value for v in optimizer.variables])
+        self._checkpoint = tf.train.Checkpoint(model=by_path(model.variables), optimizer=by_path(optimizer.variables))
 
     def steps(self) -> list[int]:
         return saved_steps(self.directory)
@@ -47,7 +64,7 @@ class Checkpoints:
     def save(self, step: int, state: dict, arrays: dict[str, list[np.ndarray]] | None = None) -> None:
         """Writes checkpoint `step`. Every worker must call this (saving may need collectives); only the
         chief's copy is kept, the others write to a temporary folder that is removed."""
-        target = self.directory / f"{PREFIX}{step:08d}"
+        target = folder(self.directory, step)
         parent = self.directory if self.is_chief else pathlib.Path(tempfile.gettempdir())
         parent.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
@@ -64,14 +81,16 @@ class Checkpoints:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         for old in self.steps()[:-self.keep]:
-            shutil.rmtree(self.directory / f"{PREFIX}{old:08d}", ignore_errors=True)
+            shutil.rmtree(folder(self.directory, old), ignore_errors=True)
 
     def restore_latest(self) -> tuple[dict, dict[str, list[np.ndarray]]] | None:
         """Restores the newest readable checkpoint; a corrupt one is skipped with a warning."""
         for step in reversed(self.steps()):
-            path = self.directory / f"{PREFIX}{step:08d}"
+            path = folder(self.directory, step)
             try:
                 state = json.loads((path / "state.json").read_text())
+                if not (isinstance(state, dict) and state.get("step") == step and "complete" in state):
+                    raise ValueError("state.json does not describe this checkpoint")
                 arrays = {}
                 for npz in path.glob("*.npz"):
                     with np.load(npz) as data:
@@ -83,7 +102,7 @@ class Checkpoints:
             # the previous checkpoint then overwrites every variable this one may have partly restored.
             except Exception as err:  # noqa: BLE001
                 logging.warning("checkpoint %s is unreadable (%s); falling back to the previous one",
-                                path, str(err).splitlines()[0] if str(err) else type(err).__name__)
+                                path, first_line(err))
         return None
 
 
@@ -93,7 +112,7 @@ def load_model_weights(directory: pathlib.Path, model) -> int:
     steps = saved_steps(pathlib.Path(directory))
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}")
-    path = pathlib.Path(directory) / f"{PREFIX}{steps[-1]:08d}" / "ckpt"
-    status = tf.train.Checkpoint(model=[v.value for v in model.variables]).read(str(path))
+    path = folder(directory, steps[-1]) / "ckpt"
+    status = tf.train.Checkpoint(model=by_path(model.variables)).read(str(path))
     status.expect_partial().assert_existing_objects_matched()
     return steps[-1]

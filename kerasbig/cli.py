@@ -1,7 +1,10 @@
 """What every kerasbig command shares: one line on stderr and exit 2 for bad input, exit 1 for run-time failures.
 
     if __name__ == "__main__":
+        define_flags()         # the entry point's own absl flags, defined only when it runs as a program
         cli.run(main)          # main() reads absl FLAGS and raises UsageError / RunError
+
+Library modules define no flags, so that every kerasbig module can be imported into one process.
 """
 from __future__ import annotations
 
@@ -11,9 +14,8 @@ from typing import Callable
 
 from absl import app, flags
 
-from kerasbig.errors import RunError, UsageError
+from kerasbig.errors import RunError, UsageError, first_line
 
-flags.DEFINE_boolean("verbose", False, "Print tracebacks of failures.")
 FLAGS = flags.FLAGS
 
 
@@ -27,19 +29,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         rest = FLAGS(argv)
     except flags.Error as err:
-        fail(2, str(err).strip().splitlines()[0])
+        fail(2, first_line(err))
     if len(rest) > 1:
         fail(2, f"unexpected arguments {rest[1:]}; every option is a --flag")
     return rest
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def run(main: Callable[[], None], flags_parser: Callable[[list[str]], list[str]] = parse_flags) -> None:
     """Runs `main()` under absl, turning UsageError into exit 2 and every other failure into exit 1."""
+    flags.DEFINE_boolean("verbose", False, "Print tracebacks of failures.")
     def guarded(argv: list[str]) -> None:
         try:
             main()
@@ -54,5 +52,5 @@ def run(main: Callable[[], None], flags_parser: Callable[[list[str]], list[str]]
         except Exception as err:  # unexpected: one line, the traceback with --verbose
             if FLAGS.verbose:
                 traceback.print_exc()
-            fail(1, f"{type(err).__name__}: {_first_line(err)} (rerun with --verbose for the traceback)")
+            fail(1, f"{type(err).__name__}: {first_line(err)} (rerun with --verbose for the traceback)")
     app.run(guarded, flags_parser=flags_parser)

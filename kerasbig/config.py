@@ -8,6 +8,7 @@ and checked against the chosen builder's signature.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import ml_collections
@@ -17,6 +18,7 @@ from kerasbig.errors import UsageError
 from kerasbig.files import write_atomically
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
+SEED_LIMIT = 2 ** 32  # numpy's seeds, which Keras and scikit-learn use
 
 
 def base() -> ml_collections.ConfigDict:
@@ -56,9 +58,10 @@ def base() -> ml_collections.ConfigDict:
         steps=0,                  # > 0: stop after this many optimizer steps instead of `epochs`
         steps_per_execution=1,    # optimizer steps per compiled call: fewer host round trips
         jit_compile=False,        # XLA
-        eval_every_epochs=1,
+        eval_every_steps=0,       # > 0: evaluate every this many steps (an "epoch" for callbacks); 0: every epoch
+        eval_every_epochs=1,      # of those epochs, evaluate every this many
         log_every_steps=50,
-        checkpoint_every_steps=0, # 0: at the end of every epoch only
+        checkpoint_every_steps=0, # > 0: also checkpoint every this many steps (always at the end of every epoch)
         keep_checkpoints=3,
         early_stopping=dict(enabled=False, monitor="val_loss", mode="auto", min_delta=0.0, patience=3,
                             baseline=ml_collections.config_dict.placeholder(float), start_from_epoch=0,
@@ -77,6 +80,11 @@ def _positive(config, key: str, value, minimum=1):
         raise UsageError(f"config.{key}={value} must be >= {minimum}")
 
 
+def _in_range(key: str, value, accepted: str, ok) -> None:
+    if not ok(value):  # NaN fails every comparison, so it lands here too
+        raise UsageError(f"config.{key}={value} must be {accepted}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the values that types alone cannot; raises UsageError naming the key and what is accepted."""
     _positive(config, "data.batch_size", config.data.batch_size)
@@ -85,10 +93,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _positive(config, "train.epochs", config.train.epochs)
     _positive(config, "train.steps", config.train.steps, 0)
     _positive(config, "train.steps_per_execution", config.train.steps_per_execution)
+    _positive(config, "train.eval_every_steps", config.train.eval_every_steps, 0)
     _positive(config, "train.eval_every_epochs", config.train.eval_every_epochs)
     _positive(config, "train.log_every_steps", config.train.log_every_steps)
+    _positive(config, "train.checkpoint_every_steps", config.train.checkpoint_every_steps, 0)
     _positive(config, "train.keep_checkpoints", config.train.keep_checkpoints)
     _positive(config, "optimizer.accumulation_steps", config.optimizer.accumulation_steps)
+    _in_range("optimizer.label_smoothing", config.optimizer.label_smoothing, "[0, 1)", lambda v: 0 <= v < 1)
+    _in_range("optimizer.weight_decay", config.optimizer.weight_decay, ">= 0", lambda v: v >= 0)
+    _in_range("optimizer.clip_norm", config.optimizer.clip_norm, ">= 0 (0 = off)", lambda v: 0 <= v < math.inf)
+    _in_range("data.test_fraction", config.data.test_fraction, "in (0, 1)", lambda v: 0 < v < 1)
+    _in_range("data.validation_fraction", config.data.validation_fraction, "in (0, 1)", lambda v: 0 < v < 1)
+    if not config.data.test_fraction + config.data.validation_fraction < 1:
+        raise UsageError(f"config.data.test_fraction + config.data.validation_fraction = "
+                         f"{config.data.test_fraction + config.data.validation_fraction} leaves nothing to train on; "
+                         "keep their sum below 1")
+    _in_range("data.split_seed", config.data.split_seed, f"in [0, {SEED_LIMIT})", lambda v: 0 <= v < SEED_LIMIT)
     if config.optimizer.name not in OPTIMIZERS:
         raise UsageError(f"config.optimizer.name={config.optimizer.name!r} is not one of {list(OPTIMIZERS)}")
     if not config.optimizer.learning_rate > 0:
@@ -102,9 +122,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}")
 
 
-def check_batch(config: ml_collections.ConfigDict, *, train_examples: int, replicas: int) -> None:
-    """The global batch must fit the training set and split evenly over replicas and micro-batches."""
-    batch = config.data.batch_size
+def check_batch(config: ml_collections.ConfigDict, *, splits: dict[str, int], replicas: int) -> None:
+    """The global batch must fit the training set and split evenly over replicas and micro-batches; `splits`
+    gives the number of examples of each split."""
+    batch, train_examples = config.data.batch_size, splits["train"]
     if batch > train_examples:
         raise UsageError(f"config.data.batch_size={batch} is larger than the training set ({train_examples} "
                          "examples); use a smaller batch")
@@ -112,6 +133,10 @@ def check_batch(config: ml_collections.ConfigDict, *, train_examples: int, repli
         if size % replicas:
             raise UsageError(f"config.{name}={size} is not divisible by the {replicas} replicas; "
                              f"use a multiple of {replicas}")
+    largest_eval_split = max(splits.get("validation", 0), splits.get("test", 0))
+    if config.data.eval_batch_size > max(largest_eval_split, replicas):
+        raise UsageError(f"config.data.eval_batch_size={config.data.eval_batch_size} is larger than the largest "
+                         f"evaluation split ({largest_eval_split} examples); use at most that")
     micro = batch // replicas
     if micro % config.optimizer.accumulation_steps:
         raise UsageError(f"per-replica batch {micro} is not divisible by config.optimizer.accumulation_steps="
@@ -162,6 +187,6 @@ def gpt_pretraining(size: str) -> ml_collections.ConfigDict:
     config.train.steps_per_execution = 100
     config.train.jit_compile = True
     config.train.log_every_steps = 100
-    config.train.checkpoint_every_steps = 5000
+    config.train.eval_every_steps = 2000  # the shipped data is only a few steps long: cadences are in steps
     config.export.name = size
     return config

@@ -9,21 +9,30 @@ import sklearn.metrics
 import tensorflow as tf
 
 from kerasbig.data.spec import CLASSIFICATION, Task
+from kerasbig.losses import correct_predictions
 
 
-def metrics(kind: str, sums, labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict:
-    """Classifiers: accuracy, macro precision/recall/F1 and the confusion matrix.
-    Language models: loss (nats per token), perplexity and bits per byte (tokens are bytes)."""
-    loss = sums.loss / sums.count
-    if kind != CLASSIFICATION:
-        return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": loss / math.log(2),
-                "accuracy": sums.correct / sums.count, "tokens": int(sums.count)}
-    classes = list(range(num_classes))
+def metrics(task: Task, sums, labels: np.ndarray, predictions: np.ndarray) -> dict:
+    """Metrics from an evaluation's sums (loss, correct, count) and its labels and predicted classes.
+
+    Classifiers: accuracy, macro precision/recall/F1 and the confusion matrix. Language models: loss (nats per
+    token), perplexity, bits per token and, when the task knows the bytes behind each token
+    (`task.token_bytes`), bits per byte: the total bits over the total bytes of the predicted text, which
+    compares models whatever their tokenizers.
+    """
+    loss, accuracy = sums.loss / sums.count, sums.correct / sums.count
+    if task.spec.kind != CLASSIFICATION:
+        values = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_token": loss / math.log(2),
+                  "accuracy": accuracy, "tokens": int(sums.count)}
+        if task.token_bytes is not None:
+            values["bits_per_byte"] = sums.loss / math.log(2) / int(task.token_bytes[labels].sum())
+        return values
+    classes = list(range(task.spec.num_classes))
     precision, recall, f1, _ = sklearn.metrics.precision_recall_fscore_support(
         labels, predictions, labels=classes, average="macro", zero_division=0)
     return {
         "loss": loss,
-        "accuracy": float(np.mean(labels == predictions)),
+        "accuracy": accuracy,
         "precision": float(precision),
         "recall": float(recall),
         "f1": float(f1),
@@ -33,16 +42,15 @@ def metrics(kind: str, sums, labels: np.ndarray, predictions: np.ndarray, num_cl
 
 
 def summary_line(values: dict) -> str:
-    keys = ("accuracy", "f1", "loss", "perplexity", "bits_per_byte")
+    keys = ("accuracy", "f1", "loss", "perplexity", "bits_per_token", "bits_per_byte")
     return ", ".join(f"{k} {values[k]:.4f}" for k in keys if k in values)
 
 
 def accuracy(model: keras.Model, task: Task, split: str = "test", batch_size: int = 256) -> float:
     """Accuracy (per token for language models) of `model` on the raw examples of `split`, through
     `task.preprocess` on one device: the path a serving request takes. Compares float and int8 exports."""
-    correct = total = 0
+    correct = total = 0.0
     for x, y in task.examples(split).batch(batch_size):
-        predictions = tf.argmax(model(task.preprocess(x), training=False), -1, output_type=y.dtype)
-        correct += int(tf.reduce_sum(tf.cast(predictions == y, tf.int32)))
+        correct += float(tf.reduce_sum(correct_predictions(y, model(task.preprocess(x), training=False))))
         total += int(tf.size(y))
     return correct / total

@@ -19,13 +19,16 @@ from kerasbig.data.spec import LANGUAGE_MODEL
 from kerasbig.errors import UsageError
 from kerasbig.generation import generate
 
-flags.DEFINE_string("workdir", None, "The run folder of a trained language model (holds config.json, checkpoints/).")
-flags.DEFINE_string("prompt", "\n", "Text to continue.")
-flags.DEFINE_integer("max_new_tokens", 200, "How many tokens to generate.")
-flags.DEFINE_float("temperature", 0.8, "0 is greedy; higher is more random.")
-flags.DEFINE_integer("top_k", 40, "Sample from the k most likely tokens only (0: all).")
-flags.DEFINE_integer("seed", 0, "The same seed draws the same text.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "The run folder of a trained language model (holds config.json, checkpoints/).")
+    flags.DEFINE_string("prompt", "\n", "Text to continue.")
+    flags.DEFINE_integer("max_new_tokens", 200, "How many tokens to generate.")
+    flags.DEFINE_float("temperature", 0.8, "0 is greedy; higher is more random.")
+    flags.DEFINE_integer("top_k", 40, "Sample from the k most likely tokens only (0: all).")
+    flags.DEFINE_integer("seed", 0, "The same seed draws the same text.")
 
 
 def load_language_model(workdir: pathlib.Path):
@@ -49,15 +52,13 @@ def main() -> None:
     if not FLAGS.workdir:
         raise UsageError("--workdir is required: the folder of a trained language model, e.g. logs/gpt_small")
     task, model, step = load_language_model(pathlib.Path(FLAGS.workdir))
-    vocabulary = task.spec.class_names  # None for bytes; the characters for a character-level model
-    if vocabulary is not None and set(FLAGS.prompt) - set(vocabulary):
-        raise UsageError(f"--prompt has characters outside the model's vocabulary: {sorted(set(FLAGS.prompt) - set(vocabulary))}")
-    prompt = text.encode(FLAGS.prompt, vocabulary)
+    prompt = text.encode(FLAGS.prompt)
     tokens = generate(model, prompt, FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                       top_k=FLAGS.top_k or None, seed=FLAGS.seed)
     print(f"[{model.name} at step {step}]")
-    print(FLAGS.prompt + text.decode(tokens, vocabulary))
+    print(FLAGS.prompt + text.decode(tokens))
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

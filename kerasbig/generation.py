@@ -13,7 +13,6 @@ the Keras model on the whole window at every step instead, the slow reference th
 """
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import keras
@@ -100,21 +99,3 @@ def generate(model: keras.Model, prompt_tokens: Sequence[int], max_new_tokens: i
             cached += 1
         tokens.append(_sample(np.asarray(logits).reshape(-1), temperature, top_k, rng))
     return tokens[len(prompt_tokens):]
-
-
-def seconds_per_token(model: keras.Model, *, context: int = 512, new_tokens: int = 16,
-                      use_cache: bool = True) -> float:
-    """Greedy decoding time per token after a `context`-token prompt, not counting reading the prompt.
-
-    Compare `use_cache=True` with `use_cache=False` to see what the cache saves. The model's context must
-    hold `context + new_tokens + 1` positions so that neither run has to re-encode a full window.
-    """
-    prompt = np.random.default_rng(0).integers(model.output_shape[-1], size=context).tolist()
-
-    def elapsed(count: int) -> float:
-        start = time.perf_counter()
-        generate(model, prompt, count, temperature=0, use_cache=use_cache)
-        return time.perf_counter() - start
-
-    elapsed(3)  # warm up: the first steps trace the graphs (a cache that grows each step, after two)
-    return (elapsed(new_tokens + 1) - elapsed(1)) / new_tokens

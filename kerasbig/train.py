@@ -21,7 +21,7 @@ from kerasbig import cli, config as config_lib, data, distribute, evaluation, ex
 from kerasbig.callbacks import (Dashboard, EarlyStopping, LearningRateScheduler, ProfileSteps, Throughput,
                                 WarmupDecay, peak_flops_per_device)
 from kerasbig.data.spec import LANGUAGE_MODEL
-from kerasbig.errors import RunError, UsageError
+from kerasbig.errors import RunError, UsageError, first_line
 from kerasbig.files import write_atomically
 from kerasbig.models import sizing
 from kerasbig.trainer import Preempted, Trainer
@@ -31,18 +31,28 @@ MODES = ("train_and_export", "train", "eval", "export", "dry_run")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 DEFAULT_CONFIG = REPO / "configs" / "digits_cnn.py"
 
-flags.DEFINE_string("workdir", None, "Run folder (default logs/<config name>); rerunning resumes from it.")
-flags.DEFINE_string("export_dir", None, "Base folder of SavedModel versions (default saved_models/<model name>).")
-flags.DEFINE_string("mode", "train_and_export", f"One of {', '.join(MODES)}.")
-flags.DEFINE_string("strategy", "auto", "auto, one_device, mirrored, multi_worker or tpu.")
-flags.DEFINE_string("tpu", "", "TPU name or grpc:// address for TPUClusterResolver.")
-flags.DEFINE_integer("num_cpu_replicas", 0, "Split the CPU into N logical devices (MirroredStrategy without GPUs).")
-flags.DEFINE_string("mixed_precision", "float32", f"One of {', '.join(PRECISIONS)}.")
-flags.DEFINE_integer("seed", 0, "Seed for weights, dropout, shuffling and augmentation.")
-flags.DEFINE_boolean("deterministic", False, "Make TensorFlow ops deterministic (slower).")
-flags.DEFINE_list("profile_steps", [], "Profile global steps A,B (inclusive) for TensorBoard's Profile tab "
-                  "(view it with the [profile] extra).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags, `--config` included (config_flags loads the default file and checks overrides already
+    while defining it)."""
+    flags.DEFINE_string("workdir", None, "Run folder (default logs/<config name>); rerunning resumes from it.")
+    flags.DEFINE_string("export_dir", None, "Base folder of SavedModel versions (default saved_models/<model name>).")
+    flags.DEFINE_string("mode", "train_and_export", f"One of {', '.join(MODES)}.")
+    flags.DEFINE_string("strategy", "auto", "auto, one_device, mirrored, multi_worker or tpu.")
+    flags.DEFINE_string("tpu", "", "TPU name or grpc:// address for TPUClusterResolver.")
+    flags.DEFINE_integer("num_cpu_replicas", 0, "Split the CPU into N logical devices (MirroredStrategy without GPUs).")
+    flags.DEFINE_string("mixed_precision", "float32", f"One of {', '.join(PRECISIONS)}.")
+    flags.DEFINE_integer("seed", 0, "Seed for weights, dropout, shuffling and augmentation.")
+    flags.DEFINE_boolean("deterministic", False, "Make TensorFlow ops deterministic (slower).")
+    flags.DEFINE_list("profile_steps", [], "Profile global steps A,B (inclusive) for TensorBoard's Profile tab "
+                      "(view it with the [profile] extra).")
+    try:
+        config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG),
+                                        "Config file configs/NAME.py[:arg]; override keys with --config.a.b=value.")
+    except Exception as err:
+        cli.fail(2, _config_error(err, sys.argv))
 
 
 def _config_error(err: Exception, argv: list[str]) -> str:
@@ -56,8 +66,7 @@ def _config_error(err: Exception, argv: list[str]) -> str:
     for flag in overrides:
         if key in flag.split("."):
             return f"--{flag}: unknown config key {key!r}; the keys of {path.name} are printed at the start of a run"
-    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return f"--config={path}: {message} (a config file must define get_config() returning a ConfigDict)"
+    return f"--config={path}: {first_line(err)} (a config file must define get_config() returning a ConfigDict)"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -75,6 +84,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         cli.fail(2, f"--profile_steps={','.join(FLAGS.profile_steps)} must be two step numbers A,B, e.g. 20,30")
     if FLAGS.num_cpu_replicas < 0:
         cli.fail(2, f"--num_cpu_replicas={FLAGS.num_cpu_replicas} must be >= 0")
+    if not 0 <= FLAGS.seed < config_lib.SEED_LIMIT:
+        cli.fail(2, f"--seed={FLAGS.seed} must be in [0, {config_lib.SEED_LIMIT})")
     return rest
 
 
@@ -107,7 +118,7 @@ def run() -> None:
     strategy = distribute.make(FLAGS.strategy, tpu=FLAGS.tpu, num_cpu_replicas=FLAGS.num_cpu_replicas)
     chief = distribute.is_chief(strategy)
     task = data.load_task(config.data)
-    config_lib.check_batch(config, train_examples=task.num_examples["train"], replicas=strategy.num_replicas_in_sync)
+    config_lib.check_batch(config, splits=task.num_examples, replicas=strategy.num_replicas_in_sync)
     name = config_name()
     workdir = pathlib.Path(FLAGS.workdir or REPO / "logs" / name)
     export_name = config.export.name or name
@@ -126,7 +137,7 @@ def run() -> None:
 
     with strategy.scope():
         model = models.build(task.spec, config.model)
-        optimizer = make_optimizer(config, FLAGS.mixed_precision)
+        optimizer = make_optimizer(config, FLAGS.mixed_precision, model)
     if chief:
         writable_dir(workdir, "--workdir")
         if FLAGS.mode in ("train_and_export", "export"):
@@ -138,10 +149,12 @@ def run() -> None:
           f"{task.num_examples['train']} training examples")
 
     trainer = Trainer(model, optimizer, task, strategy, config, workdir, is_chief=chief, seed=FLAGS.seed)
+    run_info = {"seed": FLAGS.seed, "mixed_precision": FLAGS.mixed_precision,
+                "replicas": strategy.num_replicas_in_sync}
     callbacks = make_callbacks(config, workdir if chief else None, task=task, total_steps=trainer.total_steps,
-                               replicas=strategy.num_replicas_in_sync,
-                               flops_per_step=estimate.train_flops_per_example * config.data.batch_size,
-                               validation_predictions=trainer.latest_validation)
+                               run_info=run_info, flops_per_step=estimate.train_flops_per_example * config.data.batch_size,
+                               validation_predictions=trainer.latest_validation,
+                               profile_steps=tuple(map(int, FLAGS.profile_steps)))
     if FLAGS.mode in ("train", "train_and_export"):
         try:
             trainer.fit(callbacks)
@@ -155,7 +168,7 @@ def run() -> None:
     metrics_path = workdir / "metrics.json"
     if FLAGS.mode in ("train", "train_and_export", "eval"):
         sums, labels, predictions = trainer.evaluate("test")
-        metrics = evaluation.metrics(task.spec.kind, sums, labels, predictions, task.spec.num_classes)
+        metrics = evaluation.metrics(task, sums, labels, predictions)
         print(f"Test: {evaluation.summary_line(metrics)}")
         if chief:
             write_atomically(metrics_path, json.dumps({"split": "test", **metrics}, indent=2))
@@ -188,10 +201,13 @@ def export_quantized(model, task, *, float_version: pathlib.Path, record: dict, 
           f"(float: {comparison['float']['size_bytes'] / 1e6:.2f} MB, {comparison['float']['test_accuracy']:.4f})")
 
 
-def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: int, replicas: int,
-                   flops_per_step: float | None, validation_predictions=None) -> list:
+def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: int, run_info: dict,
+                   flops_per_step: float | None, validation_predictions=None,
+                   profile_steps: tuple[int, int] | tuple[()] = ()) -> list:
     """The callbacks of a run: learning-rate schedule, early stopping, throughput and TensorBoard.
-    `workdir` is None on non-chief workers, which write no logs."""
+    `workdir` is None on non-chief workers, which write no logs; `run_info` (seed, mixed_precision, replicas)
+    goes to the HParams table beside the config; `profile_steps` (A, B) traces those steps."""
+    replicas = run_info["replicas"]
     train_logs = str(workdir / "train") if workdir else None
     schedule = config.schedule
     decay_steps = max(1, total_steps - schedule.warmup_steps)
@@ -210,41 +226,39 @@ def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: i
     callbacks.append(Throughput(batch, tokens, flops_per_step, peak * replicas if peak else None,
                                 log_dir=train_logs, log_every_steps=config.train.log_every_steps))
     if workdir is not None:
-        hparams = {**config_lib.to_dict(config),
-                   "run": {"seed": FLAGS.seed, "mixed_precision": FLAGS.mixed_precision, "replicas": replicas}}
+        hparams = {**config_lib.to_dict(config), "run": run_info}
         callbacks.append(Dashboard(str(workdir), hparams, task=task, validation_predictions=validation_predictions,
                                    log_every_steps=config.train.log_every_steps))
-        if FLAGS.profile_steps:
-            callbacks.append(ProfileSteps(train_logs, *map(int, FLAGS.profile_steps)))
+        if profile_steps:
+            callbacks.append(ProfileSteps(train_logs, *profile_steps))
     return callbacks
 
 
-def make_optimizer(config, mixed_precision: str = "float32") -> keras.optimizers.Optimizer:
-    """The optimizer `config.optimizer` names; the learning-rate schedule is attached by its callback."""
+def make_optimizer(config, mixed_precision: str = "float32", model: keras.Model | None = None
+                   ) -> keras.optimizers.Optimizer:
+    """The optimizer `config.optimizer` names; the learning-rate schedule is attached by its callback.
+
+    Weight decay (decoupled, as in AdamW) applies to weight matrices and embeddings only: the variables of
+    `model` with fewer than two dimensions (biases, normalisation scales and offsets) are excluded, as in
+    nanoGPT and GPT-2's training.
+    """
     opt = config.optimizer
-    common = dict(learning_rate=opt.learning_rate)
+    common = dict(learning_rate=opt.learning_rate, weight_decay=opt.weight_decay or None)
     if opt.name == "sgd":
         optimizer = keras.optimizers.SGD(momentum=opt.momentum, **common)
     elif opt.name == "adam":
         optimizer = keras.optimizers.Adam(**common)
     elif opt.name == "lion":
-        optimizer = keras.optimizers.Lion(weight_decay=opt.weight_decay or None, **common)
+        optimizer = keras.optimizers.Lion(**common)
     else:
-        optimizer = keras.optimizers.AdamW(weight_decay=opt.weight_decay, **common)
+        optimizer = keras.optimizers.AdamW(**common)
+    if opt.weight_decay and model is not None:
+        optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) < 2])
     if mixed_precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
 
-def define_config_flag() -> None:
-    """`--config`; config_flags loads the default file and checks overrides already while defining it."""
-    try:
-        config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG),
-                                        "Config file configs/NAME.py[:arg]; override keys with --config.a.b=value.")
-    except Exception as err:
-        cli.fail(2, _config_error(err, sys.argv))
-
-
 if __name__ == "__main__":
-    define_config_flag()
+    define_flags()
     cli.run(run, flags_parser=parse_flags)

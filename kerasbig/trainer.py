@@ -6,6 +6,12 @@ and Keras clips gradients per replica before the all-reduce, so global-norm clip
 of the gradient. The same loop runs on one device, Mirrored, MultiWorkerMirrored and TPU strategies, and
 any `keras.callbacks.Callback` works in it as in `fit`.
 
+The loop counts optimizer steps. One input stream serves the whole run (built once, resumable at any step),
+and cadences are in steps: what callbacks see as an epoch is the `period` of steps between two evaluations
+(`train.eval_every_steps`, or one pass over the training data when that is 0), checkpoints come every
+`train.checkpoint_every_steps` and at the end of every period, logs every `train.log_every_steps`. So a language
+model whose data is a few steps long still evaluates and checkpoints on its own schedule.
+
 Every decision that ends or pauses training is taken identically on every worker, from globally reduced
 values: a non-finite loss, early stopping (from the validation logs), preemption (a SIGTERM on any worker is
 voted on in the next step's all-reduce) and the step to resume from (checked across workers).
@@ -25,21 +31,12 @@ import tensorflow as tf
 from absl import logging
 
 from kerasbig import distribute
+from kerasbig.callbacks import StopOnNonFiniteLoss
 from kerasbig.checkpoint import Checkpoints
 from kerasbig.data import pipeline
 from kerasbig.data.spec import LANGUAGE_MODEL, Task
 from kerasbig.errors import RunError
-
-
-def per_example_loss(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float = 0.0) -> tf.Tensor:
-    """Cross-entropy per example (or per token) from integer labels, with optional label smoothing,
-    without materialising one-hot labels (vocabularies can be large)."""
-    logits = tf.cast(logits, tf.float32)
-    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
-    if label_smoothing:
-        uniform = tf.reduce_logsumexp(logits, -1) - tf.reduce_mean(logits, -1)
-        loss = (1 - label_smoothing) * loss + label_smoothing * uniform
-    return loss
+from kerasbig.losses import correct_predictions, per_example_loss
 
 
 def _already_reduced(grads_and_vars):
@@ -73,10 +70,11 @@ class Trainer:
         self.model, self.optimizer, self.task, self.strategy = model, optimizer, task, strategy
         self.config, self.workdir, self.is_chief, self.seed = config, workdir, is_chief, seed
         self.global_batch = config.data.batch_size
-        self.steps_per_epoch = pipeline.steps_per_epoch(task, self.global_batch)
         train = config.train
-        self.total_steps = train.steps or train.epochs * self.steps_per_epoch
-        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.total_steps = train.steps or train.epochs * pipeline.steps_per_epoch(task, self.global_batch)
+        self.period = min(train.eval_every_steps or pipeline.steps_per_epoch(task, self.global_batch),
+                          self.total_steps)
+        self.epochs = math.ceil(self.total_steps / self.period)  # evaluation periods, what callbacks call epochs
         tokens = task.spec.seq_len if task.spec.kind == LANGUAGE_MODEL else 1
         self._loss_denominator = float(self.global_batch * tokens)
         with strategy.scope():
@@ -92,6 +90,7 @@ class Trainer:
         self._train_fn = self._make_train_function()
         self._eval_fn = self._make_eval_function()
         self._all_finite = self._make_finite_check()
+        self._eval_inputs: dict[str, tf.distribute.DistributedDataset] = {}
         self._sigterm = False
         self._validation: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -99,10 +98,9 @@ class Trainer:
     def _stats(self, labels, logits, weights):
         """(loss sum, correct sum, count) of one replica's batch; weights are per example."""
         loss = per_example_loss(labels, logits, self.config.optimizer.label_smoothing)
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
+        correct = correct_predictions(labels, logits)
         weights = tf.broadcast_to(tf.reshape(weights, [-1] + [1] * (len(loss.shape) - 1)), tf.shape(loss))
         return loss * weights, correct * weights, weights
-
     def _replica_train_step(self, x, y):
         model, optimizer = self.model, self.optimizer
         variables = model.trainable_variables
@@ -168,26 +166,43 @@ class Trainer:
         return tf.function(lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
 
     # ---- data ---------------------------------------------------------------------------------------
-    def _train_iterator(self, epoch: int, skip_batches: int):
+    def _train_iterator(self, start_step: int):
+        """The run's one training iterator, from `start_step` to the last step."""
         def dataset_fn(context):
-            return pipeline.train_batches(self.task, global_batch=self.global_batch, epoch=epoch, seed=self.seed,
-                                          skip_batches=skip_batches, context=context)
+            return pipeline.train_batches(self.task, global_batch=self.global_batch, seed=self.seed,
+                                          start_step=start_step, total_steps=self.total_steps, context=context)
         return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
 
-    def evaluate(self, split: str) -> tuple[Sums, np.ndarray, np.ndarray]:
+    def _eval_input(self, split: str) -> tf.distribute.DistributedDataset:
+        """The distributed batches of `split`, built once and iterated at every evaluation."""
+        if split not in self._eval_inputs:
+            def dataset_fn(context):
+                return pipeline.eval_batches(self.task, split, global_batch=self.config.data.eval_batch_size,
+                                             context=context)
+            self._eval_inputs[split] = self.strategy.distribute_datasets_from_function(dataset_fn)
+        return self._eval_inputs[split]
+
+    def evaluate(self, split: str, callbacks: keras.callbacks.CallbackList | None = None
+                 ) -> tuple[Sums, np.ndarray, np.ndarray]:
         """Loss and accuracy sums over every example of `split`, plus labels and predicted classes
-        (classifiers; for language models these are per token)."""
-        def dataset_fn(context):
-            return pipeline.eval_batches(self.task, split, global_batch=self.config.data.eval_batch_size,
-                                         context=context)
+        (classifiers; for language models these are per token). `callbacks` get the `on_test_*` hooks, as in
+        `fit`'s validation."""
         sums, labels, predictions = Sums(), [], []
+        if callbacks is not None:
+            callbacks.on_test_begin()
         with self._cluster_errors(f"evaluating {split}"):
-            for batch in self.strategy.distribute_datasets_from_function(dataset_fn):
+            for index, batch in enumerate(self._eval_input(split)):
+                if callbacks is not None:
+                    callbacks.on_test_batch_begin(index)
                 batch_sums, batch_predictions, batch_labels, weights = self._eval_fn(batch)
                 sums.add(batch_sums.numpy())
                 keep = weights.numpy() > 0
                 labels.append(batch_labels.numpy()[keep])
                 predictions.append(batch_predictions.numpy()[keep])
+                if callbacks is not None:
+                    callbacks.on_test_batch_end(index, sums.logs())
+        if callbacks is not None:
+            callbacks.on_test_end(sums.logs())
         return sums, np.concatenate(labels), np.concatenate(predictions)
 
     def latest_validation(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -247,23 +262,23 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------
     def fit(self, callbacks: list[keras.callbacks.Callback], *, verbose: bool = True) -> dict[str, float]:
-        """Trains to `total_steps`, resuming from the latest checkpoint; returns the last epoch's logs."""
+        """Trains to `total_steps`, resuming from the latest checkpoint; returns the last period's logs."""
         state = self.restore(callbacks)
         if state and state["complete"] and (state.get("stopped_early") or state["step"] >= self.total_steps):
             print(f"Training in {self.workdir} is already complete (step {state['step']}); nothing to resume.")
             return {}
         step = int(self.optimizer.iterations.numpy())
         if step:
-            print(f"Resuming from step {step} (epoch {step // self.steps_per_epoch + 1}, "
-                  f"batch {step % self.steps_per_epoch}).")
+            print(f"Resuming from step {step} (epoch {step // self.period + 1}, batch {step % self.period}).")
+        nonfinite = StopOnNonFiniteLoss()
         callback_list = keras.callbacks.CallbackList(
-            callbacks, add_history=True, add_progbar=verbose, model=self.model,
-            epochs=self.epochs, steps=self.steps_per_epoch, verbose=1 if verbose else 0)
+            [*callbacks, nonfinite], add_history=True, add_progbar=verbose, model=self.model,
+            epochs=self.epochs, steps=self.period, verbose=1 if verbose else 0)
         on_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if on_main_thread else None
         try:
             with self._cluster_errors("training"):
-                logs = self._epochs(callback_list, callbacks, step)
+                logs = self._run(callback_list, callbacks, nonfinite, step)
         except (Preempted, RunError):
             callback_list.on_train_end()  # flushes the logs of a run that stops early
             raise
@@ -272,42 +287,38 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous)
         return logs
 
-    def _epochs(self, callback_list, callbacks, step: int) -> dict[str, float]:
+    def _run(self, callback_list, callbacks, nonfinite: StopOnNonFiniteLoss, step: int) -> dict[str, float]:
         train = self.config.train
-        spe = train.steps_per_execution
         callback_list.on_train_begin()
         logs: dict[str, float] = {}
         self.model.stop_training = False
-        first_epoch = step // self.steps_per_epoch
-        for epoch in range(first_epoch, self.epochs):
-            position = step - epoch * self.steps_per_epoch
-            epoch_steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+        iterator = self._train_iterator(step)
+        for epoch in range(step // self.period, self.epochs):
+            start, end = epoch * self.period, min((epoch + 1) * self.period, self.total_steps)
             callback_list.on_epoch_begin(epoch)
-            iterator = self._train_iterator(epoch, position)
             sums = Sums()
-            while position < epoch_steps and not self.model.stop_training:
-                n = min(spe, epoch_steps - position)
-                callback_list.on_train_batch_begin(position)
+            while step < end and not self.model.stop_training:
+                n = min(train.steps_per_execution, end - step, self._steps_to_checkpoint(step))
+                callback_list.on_train_batch_begin(step - start)
                 values = self._train_fn(iterator, tf.constant(n), tf.constant(float(self._sigterm))).numpy()
                 sums.add(values[:3])
-                position += n
                 step += n
                 logs = sums.logs()
-                callback_list.on_train_batch_end(position - 1, logs)
-                self._check_finite(logs, step)
+                callback_list.on_train_batch_end(step - start - 1, logs)
+                if nonfinite.bad_step is not None:
+                    raise RunError(f"{nonfinite.message} and the last good checkpoint in {self.checkpoints.directory} "
+                                   "was kept (lower the learning rate or set --config.optimizer.clip_norm)")
                 # A SIGTERM on any worker is seen by all in the vote, and they all save and stop here.
                 if values[3] or (self._sigterm and not distribute.is_multi_worker(self.strategy)):
                     self._save(callbacks)
                     raise Preempted(step)
-                if train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0 and position < epoch_steps:
+                if self._steps_to_checkpoint(step) == train.checkpoint_every_steps and step < end:
                     self._save(callbacks)
-            epoch_complete = position == epoch_steps
-            if epoch_complete and (epoch + 1) % train.eval_every_epochs == 0 or step == self.total_steps:
-                val, labels, predictions = self.evaluate("validation")
+            if step == end and ((epoch + 1) % train.eval_every_epochs == 0 or step == self.total_steps):
+                val, labels, predictions = self.evaluate("validation", callback_list)
                 self._validation = (labels, predictions)
                 logs.update(val.logs("val_"))
             callback_list.on_epoch_end(epoch, logs)
-            self._check_finite(logs, step)
             if self.model.stop_training:
                 break
             self._save(callbacks)
@@ -315,11 +326,10 @@ class Trainer:
         self._save(callbacks, complete=True)
         return logs
 
-    def _check_finite(self, logs: dict, step: int) -> None:
-        if not math.isfinite(logs.get("loss", 0.0)):
-            raise RunError(f"the training loss became {logs['loss']} by step {step}; training stopped and the last "
-                           f"good checkpoint in {self.checkpoints.directory} was kept (lower the learning rate or "
-                           "set --config.optimizer.clip_norm)")
+    def _steps_to_checkpoint(self, step: int) -> int:
+        """Steps from `step` to the next multiple of `train.checkpoint_every_steps` (no limit when that is 0)."""
+        every = self.config.train.checkpoint_every_steps
+        return every - step % every if every else self.total_steps
 
     def _on_sigterm(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint after the current step")

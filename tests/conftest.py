@@ -1,13 +1,17 @@
-"""Shared helpers: run kerasbig's real command line in a subprocess, as a user would."""
+"""Shared helpers: run kerasbig's real command line in a subprocess as a user would, read its checkpoints, and
+prepare TFDS metadata for mock data."""
 from __future__ import annotations
 
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -43,3 +47,47 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def latest_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
+    """The newest `checkpoints/step-N` folder of a run."""
+    steps = sorted((workdir / "checkpoints").glob("step-*"))
+    assert steps, f"no checkpoint in {workdir}"
+    return steps[-1]
+
+
+def _unescape(name: str) -> str:
+    """A Keras variable path from its name in a TF checkpoint, where `/` is written `.S` and `.` as `..`."""
+    return re.sub(r"\.(S|\.)", lambda m: "/" if m.group(1) == "S" else ".", name)
+
+
+def checkpoint_weights(folder: pathlib.Path, section: str = "model") -> dict[str, np.ndarray]:
+    """{variable path: value} of the model (or `section="optimizer"`) in a checkpoint folder, or in a workdir's
+    newest checkpoint."""
+    if (folder / "checkpoints").is_dir():
+        folder = latest_checkpoint(folder)
+    reader = tf.train.load_checkpoint(str(folder / "ckpt"))
+    prefix, suffix = f"{section}/", "/.ATTRIBUTES/VARIABLE_VALUE"
+    return {_unescape(key[len(prefix):-len(suffix)]): reader.get_tensor(key)
+            for key in reader.get_variable_to_shape_map() if key.startswith(prefix) and key.endswith(suffix)}
+
+
+def assert_same_weights(a: pathlib.Path, b: pathlib.Path, **tolerance) -> None:
+    """The two checkpoints (folders or workdirs) hold the same non-empty set of model variables, equal within
+    `tolerance` (numpy's rtol/atol)."""
+    first, second = checkpoint_weights(a), checkpoint_weights(b)
+    assert first, f"no model variables in {a}"
+    assert sorted(first) == sorted(second), (sorted(first), sorted(second))
+    for path, value in first.items():
+        np.testing.assert_allclose(value, second[path], err_msg=path, **tolerance)
+
+
+def prepare_metadata(name: str, data_dir, split_sizes: dict[str, int]) -> None:
+    """Writes what `tfds build` leaves besides the records: dataset_info.json and features.json."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=str(data_dir))
+    builder.info.set_splits(tfds.core.SplitDict(
+        [tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0) for split, n in split_sizes.items()]))
+    builder.data_path.mkdir(parents=True)
+    builder.info.write_to_directory(builder.data_path)

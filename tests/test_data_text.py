@@ -1,11 +1,11 @@
-"""kerasbig.data.text and kerasbig.data.baselines on the real corpora of the Python running the tests."""
+"""kerasbig.data.text on the real corpora of the Python running the tests."""
 import functools
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerasbig.data import baselines, text
+from kerasbig.data import text
 from kerasbig.data.spec import CLASSIFICATION, LANGUAGE_MODEL
 from kerasbig.errors import UsageError
 
@@ -28,18 +28,13 @@ def arrays(dataset):
     return next(dataset.batch(1 << 20).as_numpy_iterator())
 
 
-def test_tokenizer_round_trips_bytes_and_chars():
+def test_tokenizer_round_trips_bytes():
     sample = "def f(x):\n    return x ** 2  # café, ∑, 🐍"
     ids = text.encode(sample)
     assert ids.dtype == np.int32 and ids.min() > text.PAD and ids.max() < text.BYTE_VOCAB
     assert len(ids) == len(sample.encode("utf-8"))
     assert text.decode(ids) == sample
     assert text.decode([0xE2, 0x88]) == "\ufffd"  # a cut multi-byte character does not raise
-
-    vocabulary = text.char_vocabulary(sample)
-    assert vocabulary[text.PAD] == "\0" and len(vocabulary) == len(set(sample)) + 1
-    assert text.decode(text.encode(sample, vocabulary), vocabulary) == sample
-    assert text.encode("Z", vocabulary).tolist() == [text.PAD]
 
 
 def test_bytes_to_ids_matches_encode():
@@ -99,19 +94,16 @@ def test_language_model_is_deterministic_per_seed():
     assert not np.array_equal(arrays(lm_task(seed=1).test.take(1))[0], arrays(lm_task().test.take(1))[0])
 
 
-def test_language_model_caps_and_chars():
+def test_language_model_caps_the_corpus_and_knows_its_bytes():
     capped = text.load_text_lm(seq_len=LM_SEQ_LEN, seed=0, max_tokens=10_000)
     assert capped.num_examples == {"train": 62, "validation": 7, "test": 7}  # 8000 and 1000 tokens
-
-    chars = text.load_text_lm(seq_len=LM_SEQ_LEN, seed=0, tokenizer="chars")
-    vocabulary = chars.spec.class_names
-    assert chars.spec.num_classes == len(vocabulary) < 256
-    inputs, _ = arrays(chars.train.take(2))
+    inputs, _ = arrays(capped.train.take(2))
     first_document = text.pydoc_topics()[text.split_documents(text.pydoc_topics(), seed=0)["train"][0]]
-    assert first_document.startswith(text.decode(inputs[0], vocabulary))
+    assert first_document.startswith(text.decode(inputs[0]))
+    assert capped.token_bytes.tolist() == [1] * text.BYTE_VOCAB  # a byte token is one byte of text
 
 
-@pytest.mark.parametrize("kwargs", [{"source": "wikipedia"}, {"tokenizer": "words"}, {"seq_len": 10**7}])
+@pytest.mark.parametrize("kwargs", [{"source": "wikipedia"}, {"seq_len": 10**7}])
 def test_language_model_rejects_bad_arguments(kwargs):
     with pytest.raises(UsageError):
         text.load_text_lm(**{"seq_len": LM_SEQ_LEN, "seed": 0, **kwargs})
@@ -161,9 +153,3 @@ def test_classification_is_deterministic_per_seed():
 def test_classification_rejects_a_missing_package():
     with pytest.raises(UsageError, match="no_such_package"):
         text.load_text_classification(seq_len=CLS_SEQ_LEN, packages=("json", "no_such_package"), seed=0)
-
-
-def test_baselines_are_sane():
-    assert 2 < baselines.byte_bigram_bits_per_byte(lm_task()) < 5
-    chance = 1 / cls_task().spec.num_classes
-    assert baselines.bag_of_bytes_accuracy(cls_task()) > 2 * chance

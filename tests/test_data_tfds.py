@@ -5,20 +5,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from conftest import prepare_metadata
 from kerasbig.data import text
 from kerasbig.data.tfds import load_tfds
 from kerasbig.errors import RunError, UsageError
 
 SEQ_LEN = 64
-
-
-def prepare_metadata(name: str, data_dir, split_sizes: dict[str, int]) -> None:
-    """Writes what `tfds build` leaves besides the records: dataset_info.json and features.json."""
-    builder = tfds.builder(name, data_dir=str(data_dir))
-    builder.info.set_splits(tfds.core.SplitDict(
-        [tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0) for split, n in split_sizes.items()]))
-    builder.data_path.mkdir(parents=True)
-    builder.info.write_to_directory(builder.data_path)
 
 
 def mocked_examples(data_dir):

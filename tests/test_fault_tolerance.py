@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
+from conftest import REPO, assert_same_weights
 
 pytestmark = pytest.mark.slow
 MLP = ["--config=configs/digits_mlp.py", "--config.model.hidden=(16,)", "--mode=train"]
@@ -114,11 +114,6 @@ def early_stopping_state(workdir: pathlib.Path) -> dict:
     return {"step": state["step"], "complete": state["complete"], **state["callbacks"]["EarlyStopping"]}
 
 
-def model_weights(workdir: pathlib.Path) -> list[np.ndarray]:
-    reader = tf.train.load_checkpoint(str(checkpoints(workdir)[-1] / "ckpt"))
-    return [reader.get_tensor(k) for k in sorted(reader.get_variable_to_shape_map()) if k.startswith("model/")]
-
-
 def test_early_stopping_stops_at_the_same_epoch_after_an_interruption(train, tmp_path):
     """No epoch improves on the first by min_delta=100, so patience 2 stops after the third epoch and restores
     the first epoch's weights. A run killed after its second epoch must keep counting (and its best weights)
@@ -142,8 +137,7 @@ def test_early_stopping_stops_at_the_same_epoch_after_an_interruption(train, tmp
     rerun = train(*args, f"--workdir={resumed}")
     assert "Resuming from step" in rerun.stdout and "Epoch 3: early stopping" in rerun.stdout
     assert early_stopping_state(resumed) == expected
-    for a, b in zip(model_weights(straight), model_weights(resumed)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert_same_weights(straight, resumed, rtol=1e-6, atol=1e-6)
 
 
 def test_nonfinite_loss_exits_1_and_keeps_the_last_good_checkpoint(train, tmp_path):

@@ -164,7 +164,7 @@ def test_bad_hyperparameters_raise_usage_error(name, spec, hyperparameters, mess
 
 
 def test_builders_are_registered():
-    assert {"resnet", "rnn", "transformer", "gpt"} <= set(models.BUILDERS)
+    assert sorted(models.BUILDERS) == ["cnn", "gpt", "mlp", "resnet", "rnn", "transformer"]
 
 
 def test_transformer_patches_group_tokens_and_ignore_padding_patches():

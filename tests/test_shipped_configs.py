@@ -14,12 +14,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import REPO
+from conftest import REPO, prepare_metadata
 from kerasbig import data, export, models
 from kerasbig.models import sizing
 from kerasbig.train import make_optimizer
 from kerasbig.trainer import Trainer
-from test_data_tfds import prepare_metadata
 
 pytestmark = pytest.mark.slow
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))

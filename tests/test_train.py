@@ -7,11 +7,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
+from conftest import REPO, assert_same_weights, latest_checkpoint
 
 pytestmark = pytest.mark.slow
 QUICK = ["--config=configs/digits_mlp.py", "--config.train.epochs=2", "--config.model.hidden=(64,)",
@@ -21,17 +20,6 @@ QUICK = ["--config=configs/digits_mlp.py", "--config.train.epochs=2", "--config.
 def tree_digest(folder: pathlib.Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def checkpoint_weights(checkpoint_dir: pathlib.Path) -> list[np.ndarray]:
-    reader = tf.train.load_checkpoint(str(checkpoint_dir / "ckpt"))
-    keys = sorted((k for k in reader.get_variable_to_shape_map() if k.startswith("model/")),
-                  key=lambda k: int(k.split("/")[1]))
-    return [reader.get_tensor(k) for k in keys]
-
-
-def latest_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
-    return sorted((workdir / "checkpoints").glob("step-*"))[-1]
 
 
 def test_train_export_serve_and_rerun(train, tmp_path):
@@ -116,30 +104,38 @@ def test_killed_run_resumes_to_the_same_weights(train, tmp_path):
 
     rerun = train(*args, f"--workdir={resumed}")
     assert f"Resuming from step {int(killed_at[5:])}" in rerun.stdout
-    for a, b in zip(checkpoint_weights(latest_checkpoint(straight)), checkpoint_weights(latest_checkpoint(resumed))):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert_same_weights(straight, resumed, rtol=1e-6, atol=1e-6)
 
 
-def test_interrupted_export_leaves_no_version(tmp_path, monkeypatch):
-    import keras
-
+def test_export_keeps_the_optimizer_out_of_the_saved_model_and_on_the_model(tmp_path, monkeypatch):
+    """Export detaches the optimizer while it writes (so its state stays out of the SavedModel) and puts it back
+    whether the export succeeds or is interrupted; an interrupted export leaves no version."""
     from kerasbig import export, models
     from kerasbig.config import base
     from kerasbig.data.digits import load_digits
     from kerasbig.errors import RunError
+    from kerasbig.train import make_optimizer
 
     task = load_digits()
     config = base()
     config.model = dict(name="mlp", hidden=(8,))
     model = models.build(task.spec, config.model)
+    optimizer = make_optimizer(config, model=model)
+    optimizer.build(model.trainable_variables)
+    model.optimizer = optimizer
+
+    version = export.export(model, task, base=tmp_path, name="digits", record={})
+    assert model.optimizer is optimizer
+    saved = tf.train.load_checkpoint(str(version / "variables" / "variables"))
+    assert not [key for key in saved.get_variable_to_shape_map() if "optimizer" in key or "momentum" in key]
 
     def fail(*_):
         raise RunError("interrupted")
     monkeypatch.setattr(export, "_verify_in_fresh_process", fail)
     with pytest.raises(RunError):
         export.export(model, task, base=tmp_path, name="digits", record={})
-    assert list((tmp_path / "digits").iterdir()) == []
-    assert isinstance(model, keras.Model)
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["1"]
+    assert model.optimizer is optimizer
 
 
 def test_finished_run_trains_on_when_given_more_steps(train, tmp_path):
@@ -159,6 +155,4 @@ def test_gradient_accumulation_matches_the_full_batch(train, tmp_path):
             "--config.train.steps=20", "--deterministic", "--mode=train"]
     train(*args, f"--workdir={tmp_path / 'full'}")
     train(*args, "--config.optimizer.accumulation_steps=4", f"--workdir={tmp_path / 'micro'}")
-    for a, b in zip(checkpoint_weights(latest_checkpoint(tmp_path / "full")),
-                    checkpoint_weights(latest_checkpoint(tmp_path / "micro"))):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert_same_weights(tmp_path / "full", tmp_path / "micro", rtol=1e-4, atol=1e-6)

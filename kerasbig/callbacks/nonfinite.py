@@ -38,5 +38,5 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         if loss is None or math.isfinite(loss):
             return
         self.bad_step = int(self.model.optimizer.iterations.numpy())
-        self.message = f"loss became {loss} by global step {self.bad_step}; training stopped"
+        self.message = f"the training loss became {loss} by step {self.bad_step}; training stopped"
         self.model.stop_training = True

@@ -35,20 +35,36 @@ def _distribute(batches: tf.data.Dataset, task: Task, global_batch: int,
     return batches.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).unbatch().prefetch(tf.data.AUTOTUNE)
 
 
-def train_batches(task: Task, *, global_batch: int, epoch: int, seed: int, skip_batches: int = 0,
+def train_batches(task: Task, *, global_batch: int, seed: int, start_step: int, total_steps: int,
                   context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
-    """One epoch of training batches, shuffled by (seed, epoch): rebuilding it replays the epoch exactly,
-    so a resumed run skips the batches it has done and continues with the same data."""
+    """The run's training batches from `start_step` to `total_steps`, one stream across epochs.
+
+    Example k of the run (counting from step 0) is example `index_shuffle(k mod m)` of epoch k // m, a
+    permutation seeded by (seed, epoch) of which each epoch uses the first m = steps_per_epoch * global_batch
+    (the last partial batch is dropped). So a resumed run computes where it is instead of replaying or skipping
+    batches, and stored examples are loaded (decoded, augmented) only for the steps that run. The stored
+    examples are held in memory, which is why they must be light (see `Task.load`).
+    """
     n = task.num_examples["train"]
-    examples = task.train.enumerate().shuffle(n, seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
-    examples = examples.take(steps_per_epoch(task, global_batch) * global_batch).skip(skip_batches * global_batch)
+    used = steps_per_epoch(task, global_batch) * global_batch
+    stored = next(iter(task.train.batch(n)))  # every stored example, each field a tensor of n rows
     load = task.load or (lambda *example: example)
 
-    def prepare(index, stored):
-        x, y = load(*stored) if isinstance(stored, tuple) else load(stored)
+    def pick(counters):
+        """Stored examples for a batch of run-wide example counters; a batch never straddles two epochs."""
+        epoch = counters[0] // used
+        indices = tf.random.experimental.index_shuffle(counters % used, tf.stack([tf.cast(seed, tf.int64), epoch]),
+                                                       tf.constant(n - 1, tf.int64))
+        return tf.fill(tf.shape(indices), epoch), indices, tf.nest.map_structure(lambda t: tf.gather(t, indices), stored)
+
+    def prepare(epoch, index, example):
+        x, y = load(*example) if isinstance(example, tuple) else load(example)
         if task.augment is not None:
             x = task.augment(x, tf.stack([tf.cast(seed, tf.int64), epoch * n + index]))
         return x, y
+
+    counters = tf.data.Dataset.range(start_step * global_batch, total_steps * global_batch)
+    examples = counters.batch(global_batch).map(pick).unbatch()
     batches = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(global_batch, drop_remainder=True)
     return _distribute(batches, task, global_batch, context)
 

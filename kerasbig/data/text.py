@@ -1,8 +1,8 @@
 """Real text that ships with every CPython, so text models train offline: pydoc's English topic pages
 (`pydoc_data.topics`) and the standard library's own sources.
 
-Tokens are UTF-8 bytes (ids 0..255) or, optionally, characters. Id 0 (NUL, which text never contains)
-separates documents in a language-model stream and pads classification snippets.
+Tokens are UTF-8 bytes (ids 0..255). Id 0 (NUL, which text never contains) separates documents in a
+language-model stream and pads classification snippets.
 
 >>> decode(encode("héllo"))
 'héllo'
@@ -24,7 +24,6 @@ BYTE_VOCAB = 256
 SPLITS = ("train", "validation", "test")
 EVAL_FRACTION = 0.1  # of a corpus' characters, for validation and for test each
 LM_SOURCES = ("pydoc_topics", "stdlib", "both")
-TOKENIZERS = ("bytes", "chars")
 # Present, as folders of several files, in Python 3.10 to 3.13.
 PACKAGES = ("asyncio", "email", "http", "importlib", "json", "logging", "multiprocessing", "unittest", "urllib",
             "xml")
@@ -32,29 +31,18 @@ PACKAGES = ("asyncio", "email", "http", "importlib", "json", "logging", "multipr
 _SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 
 
-def encode(text: str, vocabulary: tuple[str, ...] | None = None) -> np.ndarray:
-    """Token ids of `text`: its UTF-8 bytes, or with a `vocabulary` its characters (unknown ones -> PAD).
+def encode(text: str) -> np.ndarray:
+    """Token ids of `text`: its UTF-8 bytes.
 
-    >>> encode("hi").tolist(), encode("hi?", ("\\0", "h", "i")).tolist()
-    ([104, 105], [1, 2, 0])
+    >>> encode("hi").tolist()
+    [104, 105]
     """
-    if vocabulary is None:
-        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-    index = {char: i for i, char in enumerate(vocabulary)}
-    return np.array([index.get(char, PAD) for char in text], np.int32)
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
 
-def decode(ids, vocabulary: tuple[str, ...] | None = None) -> str:
+def decode(ids) -> str:
     """The text of token ids; byte sequences that are not valid UTF-8 come back as U+FFFD."""
-    ids = np.asarray(ids)
-    if vocabulary is None:
-        return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
-    return "".join(vocabulary[i] for i in ids)
-
-
-def char_vocabulary(text: str) -> tuple[str, ...]:
-    """NUL (id 0, padding and unknown characters) followed by the characters of `text`, sorted."""
-    return (chr(PAD),) + tuple(sorted(set(text) - {chr(PAD)}))
+    return np.asarray(ids).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
 def bytes_to_ids(text: tf.Tensor, seq_len: int) -> tf.Tensor:
@@ -120,14 +108,12 @@ def split_documents(documents: dict[str, str], seed: int) -> dict[str, list[str]
     return {"train": rest, "validation": splits["validation"], "test": splits["test"]}
 
 
-def load_text_lm(*, seq_len: int, source: str = "pydoc_topics", seed: int, tokenizer: str = "bytes",
-                 max_tokens: int = 4_000_000) -> Task:
+def load_text_lm(*, seq_len: int, source: str = "pydoc_topics", seed: int, max_tokens: int = 4_000_000) -> Task:
     """Next-token prediction on pydoc's English topics, the standard library's sources, or both.
 
     Each split's documents are joined with PAD between them and cut into windows of seq_len + 1 tokens
     that overlap by one, so every token is a label exactly once: (window[:-1], window[1:]).
     `max_tokens` caps the corpus, shared among the splits in their 80/10/10 proportion.
-    With tokenizer="chars", `spec.class_names` is the vocabulary (pass it to `decode`).
 
     >>> task = load_text_lm(seq_len=128, seed=0)
     >>> task.spec.num_classes, task.train.element_spec[0].shape
@@ -135,8 +121,6 @@ def load_text_lm(*, seq_len: int, source: str = "pydoc_topics", seed: int, token
     """
     if source not in LM_SOURCES:
         raise UsageError(f"data.source={source!r} is not a text source; choose one of {LM_SOURCES}")
-    if tokenizer not in TOKENIZERS:
-        raise UsageError(f"data.tokenizer={tokenizer!r} is not a tokenizer; choose one of {TOKENIZERS}")
     documents = {}
     if source in ("pydoc_topics", "both"):
         documents.update(pydoc_topics())
@@ -144,16 +128,15 @@ def load_text_lm(*, seq_len: int, source: str = "pydoc_topics", seed: int, token
         documents.update(stdlib_sources())
     names = split_documents(documents, seed)
     texts = {split: chr(PAD).join(documents[name] for name in names[split]) for split in SPLITS}
-    vocabulary = char_vocabulary(texts["train"]) if tokenizer == "chars" else None
     shares = {"train": 1 - 2 * EVAL_FRACTION, "validation": EVAL_FRACTION, "test": EVAL_FRACTION}
-    windows = {split: _windows(encode(texts[split], vocabulary)[:int(max_tokens * shares[split])], seq_len)
+    windows = {split: _windows(encode(texts[split])[:int(max_tokens * shares[split])], seq_len)
                for split in SPLITS}
-    vocab_size = len(vocabulary) if vocabulary else BYTE_VOCAB
     return Task(
-        spec=DataSpec(LANGUAGE_MODEL, "tokens", (seq_len,), "int32", vocab_size, vocabulary),
+        spec=DataSpec(LANGUAGE_MODEL, "tokens", (seq_len,), "int32", BYTE_VOCAB),
         **{split: tf.data.Dataset.from_tensor_slices(windows[split]) for split in SPLITS},
         num_examples={split: len(windows[split][0]) for split in SPLITS},
         serving_input=tf.TensorSpec([None, None], tf.int32, name="tokens"),
+        token_bytes=np.ones(BYTE_VOCAB, np.int64),
     )
 
 
