@@ -20,7 +20,8 @@ def get_config():
     config.schedule.warmup_steps = 100
     config.schedule.decay = "cosine"
     config.schedule.min_learning_rate = 1e-4
-    config.train.epochs = 16
+    config.train.steps = 1500             # language models count steps: about 16 passes over the 91-step data
+    config.train.eval_every_steps = 250   # validation, a generated sample and a checkpoint every 250 steps
     config.train.steps_per_execution = 10
     config.train.jit_compile = True
     config.export.name = "gpt_small"

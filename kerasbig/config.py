@@ -34,6 +34,7 @@ def base() -> ml_collections.ConfigDict:
         augment=False,
         seq_len=128,              # text datasets
         source="pydoc_topics",    # text_lm: pydoc_topics | stdlib | both
+        max_tokens=4_000_000,     # text_lm: cap on the corpus, shared by the splits 80/10/10
         data_dir="",              # tfds: where prepared datasets live ('' = TFDS_DATA_DIR or ~/tensorflow_datasets)
     )
     config.model = dict(name="cnn")
@@ -89,6 +90,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the values that types alone cannot; raises UsageError naming the key and what is accepted."""
     _positive(config, "data.batch_size", config.data.batch_size)
     _positive(config, "data.eval_batch_size", config.data.eval_batch_size)
+    _positive(config, "data.max_tokens", config.data.max_tokens)
     if config.train.steps == 0:
         _positive(config, "train.epochs", config.train.epochs)
     _positive(config, "train.steps", config.train.steps, 0)

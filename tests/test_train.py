@@ -156,3 +156,22 @@ def test_gradient_accumulation_matches_the_full_batch(train, tmp_path):
     train(*args, f"--workdir={tmp_path / 'full'}")
     train(*args, "--config.optimizer.accumulation_steps=4", f"--workdir={tmp_path / 'micro'}")
     assert_same_weights(tmp_path / "full", tmp_path / "micro", rtol=1e-4, atol=1e-6)
+
+
+def test_a_gpt_whose_data_is_shorter_than_its_cadences_evaluates_and_checkpoints_on_them(train, tmp_path):
+    """3 steps of data per epoch (499 windows of 32 tokens, batch 128), evaluation every 5 steps, checkpoints
+    every 3 and 10 steps per execution: validation and checkpoints follow the step cadences, not the epochs."""
+    workdir = tmp_path / "gpt"
+    result = train("--config=configs/gpt_small.py", "--config.model.width=16", "--config.model.depth=1",
+                   "--config.model.heads=2", "--config.data.max_tokens=20000", "--config.data.seq_len=32",
+                   "--config.data.batch_size=128", "--config.data.eval_batch_size=32", "--config.train.steps=10",
+                   "--config.train.eval_every_steps=5", "--config.train.checkpoint_every_steps=3",
+                   "--config.train.keep_checkpoints=10", "--config.train.jit_compile=False", "--mode=train",
+                   f"--workdir={workdir}")
+    assert "Epoch 2/2" in result.stdout and "Epoch 3/" not in result.stdout
+    assert [p.name for p in sorted((workdir / "checkpoints").glob("step-*"))] == [
+        f"step-{step:08d}" for step in (3, 5, 6, 9, 10)]
+    validated = sorted(event.step for path in (workdir / "validation").glob("events.*")
+                       for event in tf.compat.v1.train.summary_iterator(str(path))
+                       if any(value.tag == "epoch_loss" for value in event.summary.value))
+    assert validated == [5, 10]

@@ -23,7 +23,8 @@ def load_task(data_config) -> Task:
                            validation_fraction=data_config.validation_fraction,
                            augment=data_config.augment, seed=seed)
     if name == "text_lm":
-        return text.load_text_lm(seq_len=data_config.seq_len, source=data_config.source, seed=seed)
+        return text.load_text_lm(seq_len=data_config.seq_len, source=data_config.source, seed=seed,
+                                 max_tokens=data_config.max_tokens)
     if name == "text_classification":
         return text.load_text_classification(seq_len=data_config.seq_len, seed=seed)
     if name.startswith("tfds:"):

@@ -1,0 +1,113 @@
+"""kerasbig's training loop in-process: one input stream per run, evaluation and checkpoint cadences in steps,
+and weight decay that spares biases and normalisation parameters."""
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import checkpoint_weights
+from kerasbig import config as config_lib
+from kerasbig import models
+from kerasbig.checkpoint import saved_steps
+from kerasbig.data import pipeline
+from kerasbig.data.digits import load_digits
+from kerasbig.data.spec import DataSpec, Task
+from kerasbig.train import make_optimizer
+from kerasbig.trainer import Trainer
+
+
+def digits_config(**train):
+    config = config_lib.base()
+    config.data.batch_size = 256  # 1257 training examples: 4 steps per epoch
+    config.model = dict(name="mlp", hidden=(16,), dropout=0.0)
+    config.train.update(train)
+    return config
+
+
+def trainer(config, workdir) -> Trainer:
+    task = load_digits(augment=False)
+    model = models.build(task.spec, config.model)
+    return Trainer(model, make_optimizer(config, model=model), task, tf.distribute.get_strategy(), config, workdir)
+
+
+class Counting:
+    """Wraps a pipeline function, counting the calls that build an input (the real function still runs)."""
+
+    def __init__(self, function):
+        self.function, self.calls = function, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(kwargs.get("split", args[1] if len(args) > 1 else None))
+        return self.function(*args, **kwargs)
+
+
+def test_inputs_are_built_once_per_run_and_cadences_follow_steps(tmp_path, monkeypatch):
+    """Three epochs of data (4 steps each) with evaluation every 5 steps and checkpoints every 3: the training
+    input is built once, the validation input once, and evaluations and checkpoints land on their steps, not on
+    the data's epoch boundaries."""
+    train_inputs, eval_inputs = Counting(pipeline.train_batches), Counting(pipeline.eval_batches)
+    monkeypatch.setattr(pipeline, "train_batches", train_inputs)
+    monkeypatch.setattr(pipeline, "eval_batches", eval_inputs)
+    evaluated = []
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: evaluated.append(
+        (int(model.optimizer.iterations.numpy()), "val_loss" in logs)))
+    config = digits_config(steps=12, eval_every_steps=5, checkpoint_every_steps=3, keep_checkpoints=20)
+    run = trainer(config, tmp_path)
+    model = run.model
+    run.fit([record], verbose=False)
+
+    assert len(train_inputs.calls) == 1 and eval_inputs.calls == ["validation"]
+    assert evaluated == [(5, True), (10, True), (12, True)]
+    assert saved_steps(tmp_path / "checkpoints") == [3, 5, 6, 9, 10, 12]
+
+
+def test_a_resumed_stream_continues_with_the_same_batches(tmp_path):
+    """The stream from step k is the tail of the stream from step 0, across epoch boundaries and reshuffles."""
+    task = load_digits(augment=True)
+    whole = [x.numpy() for x, _ in pipeline.train_batches(task, global_batch=256, seed=3, start_step=0,
+                                                           total_steps=11)]
+    resumed = [x.numpy() for x, _ in pipeline.train_batches(task, global_batch=256, seed=3, start_step=6,
+                                                             total_steps=11)]
+    assert len(whole) == 11 and len(resumed) == 5
+    for a, b in zip(whole[6:], resumed):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(whole[0], whole[4])  # epoch 2 is another permutation of the same examples
+
+
+def test_every_epoch_draws_distinct_examples_in_a_new_order():
+    """Inputs 0..n-1: each epoch's batches hold n // batch * batch distinct examples, in a fresh order."""
+    n, batch = 103, 10
+    inputs = tf.data.Dataset.from_tensor_slices((np.arange(n, dtype="float32"), np.zeros(n, "int32")))
+    task = Task(DataSpec("classification", "x", (), "float32", 2), train=inputs, validation=inputs, test=inputs,
+                num_examples={"train": n, "validation": n, "test": n}, serving_input=tf.TensorSpec([None]))
+    stream = np.concatenate([x.numpy() for x, _ in pipeline.train_batches(task, global_batch=batch, seed=0,
+                                                                          start_step=0, total_steps=20)])
+    first, second = stream[:100], stream[100:]
+    assert len(set(first)) == len(set(second)) == 100 and set(first) | set(second) <= set(range(n))
+    assert not np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "lion"])
+def test_weight_decay_spares_biases_and_normalisation(name):
+    """With a zero gradient, only decay moves a weight: kernels and embeddings shrink, biases and LayerNorm
+    scales and offsets do not (nanoGPT's rule: decay parameters of rank >= 2)."""
+    config = config_lib.base()
+    config.optimizer.name, config.optimizer.weight_decay, config.optimizer.learning_rate = name, 0.1, 0.5
+    model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(10, 4),
+                              keras.layers.LayerNormalization(), keras.layers.Dense(2)])
+    before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    optimizer = make_optimizer(config, model=model)
+    optimizer.apply([tf.zeros_like(v) for v in model.trainable_variables], model.trainable_variables)
+    for variable in model.trainable_variables:
+        moved = not np.allclose(variable.numpy(), before[variable.path])
+        assert moved == (len(variable.shape) >= 2), variable.path
+
+
+def test_period_is_an_epoch_when_no_step_cadence_is_set(tmp_path):
+    run = trainer(digits_config(epochs=2), tmp_path)
+    assert (run.period, run.epochs, run.total_steps) == (4, 2, 8)
+    run.fit([], verbose=False)
+    state = json.loads((tmp_path / "checkpoints" / "step-00000008" / "state.json").read_text())
+    assert state["complete"] and sorted(checkpoint_weights(tmp_path)) == sorted(v.path for v in run.model.variables)
