@@ -36,14 +36,9 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
     def __init__(self, peak: float, *, warmup_steps: int = 0, decay: str = "cosine",
                  decay_steps: int | None = None, min_learning_rate: float = 0.0,
                  init_learning_rate: float = 0.0, decay_rate: float | None = None, step_size: int | None = None):
-        self.peak = peak
-        self.warmup_steps = warmup_steps
-        self.decay = decay
-        self.decay_steps = decay_steps
-        self.min_learning_rate = min_learning_rate
-        self.init_learning_rate = init_learning_rate
-        self.decay_rate = decay_rate
-        self.step_size = step_size
+        self.peak, self.warmup_steps, self.decay, self.decay_steps = peak, warmup_steps, decay, decay_steps
+        self.min_learning_rate, self.init_learning_rate = min_learning_rate, init_learning_rate
+        self.decay_rate, self.step_size = decay_rate, step_size
         self._check()
 
     def __call__(self, step):

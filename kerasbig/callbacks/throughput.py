@@ -79,12 +79,9 @@ class Throughput(keras.callbacks.Callback):
                             ("log_every_steps", log_every_steps)]:
             if value is not None and not value > 0:
                 raise UsageError(f"Throughput {name} must be > 0, got {value}")
-        self.examples_per_step = examples_per_step
-        self.tokens_per_step = tokens_per_step
-        self.flops_per_step = flops_per_step
-        self.peak_flops = peak_flops
-        self.log_dir = log_dir
-        self.log_every_steps = log_every_steps
+        self.examples_per_step, self.tokens_per_step = examples_per_step, tokens_per_step
+        self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+        self.log_dir, self.log_every_steps = log_dir, log_every_steps
         self._writer = None
         self._last = None  # (time, global step) where the next execution's timing starts
         self._epoch_start = False

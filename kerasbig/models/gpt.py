@@ -17,7 +17,7 @@ from keras import ops
 
 from kerasbig.data.spec import LANGUAGE_MODEL, DataSpec
 from kerasbig.errors import UsageError
-from kerasbig.models.transformer import PositionEmbedding
+from kerasbig.models.transformer import PositionEmbedding, check_attention_sizes
 
 INIT_STD = 0.02  # GPT-2's initialisation of every weight matrix
 
@@ -131,13 +131,7 @@ def check_hyperparameters(spec: DataSpec, *, width: int, depth: int, heads: int,
     """Raises UsageError for a GPT that cannot be built; `kerasbig.models.sizing` checks with it too."""
     if spec.kind != LANGUAGE_MODEL:
         raise UsageError(f"gpt is a language model; the data is {spec.kind!r}, choose a classifier model instead")
-    if min(width, depth, heads, mlp_ratio) < 1:
-        raise UsageError(f"gpt width, depth, heads and mlp_ratio must be positive, got "
-                         f"{width}, {depth}, {heads}, {mlp_ratio}")
-    if width % heads:
-        raise UsageError(f"gpt width={width} must be divisible by heads={heads}")
-    if not 0 <= dropout < 1:
-        raise UsageError(f"gpt dropout={dropout} must be in [0, 1)")
+    check_attention_sizes("gpt", width=width, heads=heads, dropout=dropout, depth=depth, mlp_ratio=mlp_ratio)
 
 
 def build_gpt(spec: DataSpec, *, width: int = 768, depth: int = 12, heads: int = 12, mlp_ratio: int = 4,

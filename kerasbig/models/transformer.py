@@ -57,18 +57,24 @@ def _encoder_block(x, attention_mask, *, heads: int, mlp_ratio: int, dropout: fl
     return x + keras.layers.Dropout(dropout)(h)
 
 
+def check_attention_sizes(family: str, *, width: int, heads: int, dropout: float, **sizes: int) -> None:
+    """What every attention model needs: positive sizes, a width that divides into heads, dropout in [0, 1)."""
+    sizes = {"width": width, "heads": heads, **sizes}
+    if min(sizes.values()) < 1:
+        raise UsageError(f"{family} {', '.join(sizes)} must be positive, got {', '.join(map(str, sizes.values()))}")
+    if width % heads:
+        raise UsageError(f"{family} width={width} must be divisible by heads={heads}")
+    if not 0 <= dropout < 1:
+        raise UsageError(f"{family} dropout={dropout} must be in [0, 1)")
+
+
 def _check(spec: DataSpec, vocab_size: int, width: int, depth: int, heads: int, mlp_ratio: int,
            dropout: float, pooling: str, patch_size: int) -> None:
     if spec.kind != CLASSIFICATION or len(spec.input_shape) != 1:
         raise UsageError(f"transformer classifies token sequences; the data is {spec.kind!r} with input shape "
                          f"{spec.input_shape} (use gpt for language models)")
-    if min(vocab_size, width, depth, heads, mlp_ratio) < 1:
-        raise UsageError(f"transformer vocab_size, width, depth, heads and mlp_ratio must be positive, got "
-                         f"{vocab_size}, {width}, {depth}, {heads}, {mlp_ratio}")
-    if width % heads:
-        raise UsageError(f"transformer width={width} must be divisible by heads={heads}")
-    if not 0 <= dropout < 1:
-        raise UsageError(f"transformer dropout={dropout} must be in [0, 1)")
+    check_attention_sizes("transformer", width=width, heads=heads, dropout=dropout, vocab_size=vocab_size,
+                          depth=depth, mlp_ratio=mlp_ratio)
     if pooling not in POOLINGS:
         raise UsageError(f"transformer pooling={pooling!r} is not one of {POOLINGS}")
     if patch_size < 1 or spec.seq_len % patch_size:
