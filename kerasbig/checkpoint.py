@@ -2,8 +2,10 @@
 
 Layout: `<workdir>/checkpoints/step-00001234/{ckpt.index, ckpt.data-*, state.json, arrays.npz}`. Each is
 written to a temporary folder and renamed, so a reader (or a resume after SIGKILL) never sees half of one.
-Variables are saved under their Keras paths (`model/<path>`, `optimizer/<path>`), so a checkpoint of another
-architecture is told apart from the right one instead of being read into the wrong variables. Under multi-worker
+Weights are saved under their Keras paths (`model/weights/<path>`, `optimizer/<path>`), so a checkpoint of
+another architecture is told apart from the right one instead of being read into the wrong variables; the
+states of the model's random-number generators (dropout's) are saved in order (`model/rng/<i>`), since their
+generated names depend on what else a process built first. Under multi-worker
 training every worker saves (saving may need collectives) and only the chief's copy is kept; all workers
 restore from the chief's folder, so it must be on a filesystem they share.
 """
@@ -45,6 +47,12 @@ def by_path(variables) -> dict:
     return paths
 
 
+def model_state(model) -> dict:
+    """What a checkpoint keeps of a model: its weights by path and its random-number generators' states."""
+    weights = {id(v) for v in model.weights}
+    return {"weights": by_path(model.weights), "rng": [v.value for v in model.variables if id(v) not in weights]}
+
+
 class Checkpoints:
     """Saves and restores `model.variables` + `optimizer.variables` with a state dict and named arrays."""
 
@@ -56,7 +64,7 @@ class Checkpoints:
         self.keep = keep
         self.is_chief = is_chief
         self._options = tf.train.CheckpointOptions(experimental_io_device=io_device)
-        self._checkpoint = tf.train.Checkpoint(model=by_path(model.variables), optimizer=by_path(optimizer.variables))
+        self._checkpoint = tf.train.Checkpoint(model=model_state(model), optimizer=by_path(optimizer.variables))
 
     def steps(self) -> list[int]:
         return saved_steps(self.directory)
@@ -113,6 +121,6 @@ def load_model_weights(directory: pathlib.Path, model) -> int:
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}")
     path = folder(directory, steps[-1]) / "ckpt"
-    status = tf.train.Checkpoint(model=by_path(model.variables)).read(str(path))
+    status = tf.train.Checkpoint(model=model_state(model)).read(str(path))
     status.expect_partial().assert_existing_objects_matched()
     return steps[-1]

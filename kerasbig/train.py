@@ -243,7 +243,9 @@ def make_optimizer(config, mixed_precision: str = "float32", model: keras.Model 
     nanoGPT and GPT-2's training.
     """
     opt = config.optimizer
-    common = dict(learning_rate=opt.learning_rate, weight_decay=opt.weight_decay or None)
+    # A fixed name: optimizer variable paths (the checkpoint's keys) would otherwise depend on how many
+    # optimizers the process made before.
+    common = dict(learning_rate=opt.learning_rate, weight_decay=opt.weight_decay or None, name="optimizer")
     if opt.name == "sgd":
         optimizer = keras.optimizers.SGD(momentum=opt.momentum, **common)
     elif opt.name == "adam":

@@ -61,9 +61,9 @@ def _unescape(name: str) -> str:
     return re.sub(r"\.(S|\.)", lambda m: "/" if m.group(1) == "S" else ".", name)
 
 
-def checkpoint_weights(folder: pathlib.Path, section: str = "model") -> dict[str, np.ndarray]:
-    """{variable path: value} of the model (or `section="optimizer"`) in a checkpoint folder, or in a workdir's
-    newest checkpoint."""
+def checkpoint_weights(folder: pathlib.Path, section: str = "model/weights") -> dict[str, np.ndarray]:
+    """{variable path: value} of the model's weights (or `section="optimizer"`) in a checkpoint folder, or in a
+    workdir's newest checkpoint."""
     if (folder / "checkpoints").is_dir():
         folder = latest_checkpoint(folder)
     reader = tf.train.load_checkpoint(str(folder / "ckpt"))

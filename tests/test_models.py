@@ -188,3 +188,20 @@ def test_transformer_patches_group_tokens_and_ignore_padding_patches():
     np.testing.assert_allclose(model.predict(fully_padded, verbose=0), first, atol=1e-5)
     with pytest.raises(UsageError, match="patch_size=5"):
         models.build(spec, ml_collections.ConfigDict({"name": "transformer", "patch_size": 5}))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_weight_paths_are_the_same_in_every_build(case):
+    """Checkpoints are keyed by weight path, so a builder's paths must not depend on what the process built
+    before (Keras numbers unnamed layers per process)."""
+    first, _ = _build(case)
+    models.build(DIGITS, ml_collections.ConfigDict({"name": "mlp", "hidden": (4,)}))  # takes Keras' next names
+    second, _ = _build(case)
+    assert [w.path for w in first.weights] == [w.path for w in second.weights]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_sequential_weight_paths_are_stable(name):
+    paths = [[w.path for w in models.build(DIGITS, ml_collections.ConfigDict({"name": name})).weights]
+             for _ in range(2)]
+    assert paths[0] == paths[1]

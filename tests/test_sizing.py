@@ -128,3 +128,23 @@ def test_format_is_a_readable_table():
 def test_bad_input_raises_usage_error(config, options, message):
     with pytest.raises(UsageError, match=message):
         sizing.estimate(GPT2_DATA, config, **{"batch_per_replica": 1, **options})
+
+
+def test_dry_run_of_a_huge_built_model_allocates_nothing(tmp_path):
+    """A 7.5-billion-parameter MLP (30 GB of float32 weights) is sized from shapes alone: the command stays
+    under 3 GB of memory and writes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    command = [sys.executable, "-m", "kerasbig.train", "--config=configs/digits_mlp.py", "--mode=dry_run",
+               "--config.model.hidden=(100000000,)", f"--workdir={tmp_path / 'run'}"]
+    with open(tmp_path / "out.txt", "w") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    output = (tmp_path / "out.txt").read_text()
+    assert os.waitstatus_to_exitcode(status) == 0, output[-2000:]
+    assert "7,500,000,010" in output
+    assert usage.ru_maxrss < 3 * 2**20  # KiB
+    assert not (tmp_path / "run").exists()

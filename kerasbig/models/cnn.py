@@ -18,19 +18,20 @@ def build_cnn(spec: DataSpec, *, filters: tuple[int, ...] = (32, 64), kernel_siz
     (None, 10)
     """
     layers = [keras.Input(spec.input_shape, dtype=spec.input_dtype)]
-    for width in filters:
-        layers.append(keras.layers.Conv2D(width, kernel_size, padding="same", use_bias=not batch_norm))
+    for i, width in enumerate(filters):  # named layers: stable variable paths, the checkpoint's keys
+        layers.append(keras.layers.Conv2D(width, kernel_size, padding="same", use_bias=not batch_norm,
+                                          name=f"block_{i}_conv_1"))
         if batch_norm:
-            layers.append(keras.layers.BatchNormalization())
+            layers.append(keras.layers.BatchNormalization(name=f"block_{i}_bn"))
         layers += [
             keras.layers.Activation("relu"),
-            keras.layers.Conv2D(width, kernel_size, padding="same", activation="relu"),
+            keras.layers.Conv2D(width, kernel_size, padding="same", activation="relu", name=f"block_{i}_conv_2"),
             keras.layers.MaxPooling2D(),
         ]
     layers += [
         keras.layers.Flatten(),
         keras.layers.Dropout(dropout),
-        keras.layers.Dense(dense, activation="relu"),
+        keras.layers.Dense(dense, activation="relu", name="dense"),
         keras.layers.Dropout(dropout),
         keras.layers.Dense(spec.num_classes, dtype="float32", name="logits"),
     ]

@@ -16,7 +16,7 @@ def build_mlp(spec: DataSpec, *, hidden: tuple[int, ...] = (256, 128), dropout: 
     (None, 10)
     """
     layers = [keras.Input(spec.input_shape, dtype=spec.input_dtype), keras.layers.Flatten()]
-    for width in hidden:
-        layers += [keras.layers.Dense(width, activation=activation), keras.layers.Dropout(dropout)]
+    for i, width in enumerate(hidden):  # named layers: stable variable paths, the checkpoint's keys
+        layers += [keras.layers.Dense(width, activation=activation, name=f"dense_{i}"), keras.layers.Dropout(dropout)]
     layers.append(keras.layers.Dense(spec.num_classes, dtype="float32", name="logits"))
     return keras.Sequential(layers, name="mlp")

@@ -115,7 +115,13 @@ def estimate(spec: DataSpec, model_config, *, batch_per_replica: int, precision:
     if batch_per_replica < 1:
         raise UsageError(f"batch_per_replica={batch_per_replica} must be positive")
     name, kwargs = hyperparameters(model_config)
-    counts = _gpt(spec, **_with_defaults(name, kwargs)) if name == "gpt" else _walk(build(spec, model_config), spec)
+    if name == "gpt":
+        counts = _gpt(spec, **_with_defaults(name, kwargs))
+    else:
+        # Variables made in a stateless scope that does not initialise them have shapes but no values: a model
+        # far too large for this machine is sized without being allocated.
+        with keras.StatelessScope(initialize_variables=False):
+            counts = _walk(build(spec, model_config), spec)
     train = 3 * counts.forward_flops
     activation_bytes = counts.activations * PRECISION_BYTES[precision] + counts.float32_activations * 4
     return Estimate(
