@@ -39,6 +39,16 @@ def saved_steps(directory: pathlib.Path) -> list[int]:
     return sorted(int(name) for name in names if name.isdigit())
 
 
+def latest_state(directory: pathlib.Path) -> dict | None:
+    """The state of the newest checkpoint under `directory` whose state.json reads, without touching variables."""
+    for step in reversed(saved_steps(directory)):
+        try:
+            return json.loads((folder(directory, step) / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def by_path(variables) -> dict:
     """{Keras path: backing variable}, what a checkpoint stores; raises if two variables share a path."""
     paths = {v.path: v.value for v in variables}

@@ -119,9 +119,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UsageError(f"config.schedule.decay={config.schedule.decay!r} is not one of {list(DECAYS)}")
     if config.export.quantize not in ("", "int8"):
         raise UsageError(f"config.export.quantize={config.export.quantize!r} must be '' or 'int8'")
+    _check_export_name(config.export.name)
     if config.data.batch_size % config.optimizer.accumulation_steps:
         raise UsageError(f"config.data.batch_size={config.data.batch_size} must be divisible by "
                          f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}")
+
+
+def _check_export_name(name: str) -> None:
+    """The model's folder under the export base: one plain folder name, so nothing is written outside it."""
+    if name and (name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0")):
+        raise UsageError(f"config.export.name={name!r} must be a plain folder name (no '/', '\\', NUL or "
+                         "leading '.'), e.g. digits_cnn")
+
+
+# Keys a resumed run may change: how long and how often, not what is trained or how.
+RESUMABLE = ("train.epochs", "train.steps", "train.steps_per_execution", "train.jit_compile",
+             "train.eval_every_steps", "train.eval_every_epochs", "train.log_every_steps",
+             "train.checkpoint_every_steps", "train.keep_checkpoints", "train.early_stopping.", "data.eval_batch_size",
+             "export.")
+
+
+def resume_conflicts(saved: dict, new: dict) -> list[str]:
+    """`key: saved -> new` for every key where the `new` config (a dict) differs from the `saved` config of a
+    checkpoint in a way a resume cannot take (see RESUMABLE)."""
+    from kerasbig.callbacks.dashboard import flatten  # the callbacks package imports this module
+
+    old, new = flatten(saved), flatten(new)
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and not key.startswith(RESUMABLE)]
 
 
 def check_batch(config: ml_collections.ConfigDict, *, splits: dict[str, int], replicas: int) -> None:

@@ -5,13 +5,16 @@
 fresh process, and only then renamed into place, so TF Serving never sees half a version.
 `saved_models/models.config` (TF Serving's `--model_config_file`) is rewritten atomically after each export.
 
-Verification entry point (run by `export` itself): `python -m kerasbig.export SAVED_MODEL_DIR SAMPLES.npz`.
+Verification entry point (run by `export` itself): `python -m kerasbig.export SAVED_MODEL_DIR SAMPLES.npz PARENT_PID`.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,9 +30,10 @@ from tensorflow_serving.config import model_server_config_pb2
 from kerasbig import versions
 from kerasbig.data.spec import CLASSIFICATION, Task
 from kerasbig.errors import RunError
-from kerasbig.files import write_atomically
+from kerasbig.files import locked, remove_temporaries, write_atomically
 
 WARMUP_EXAMPLES = 8
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def serving_function(model: keras.Model, task: Task):
@@ -61,11 +65,19 @@ def _write_warmup(path: pathlib.Path, name: str, input_name: str, samples: np.nd
         writer.write(log.SerializeToString())
 
 
+def _die_with_parent(parent: int) -> None:
+    """In the verifier process: Linux kills it when the export that started it dies (SIGKILL included); a
+    parent already gone by now means the same."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        sys.exit("the export that started this check has ended")
+
+
 def _verify_in_fresh_process(directory: pathlib.Path, samples: np.ndarray, expected: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         npz = pathlib.Path(tmp) / "samples.npz"
         np.savez(npz, __input__=samples, **expected)
-        result = subprocess.run([sys.executable, "-m", "kerasbig.export", str(directory), str(npz)],
+        result = subprocess.run([sys.executable, "-m", "kerasbig.export", str(directory), str(npz), str(os.getpid())],
                                 capture_output=True, text=True)
     if result.returncode != 0:
         raise RunError(f"the exported SavedModel failed its check in a fresh process: "
@@ -83,7 +95,13 @@ def write_models_config(base: pathlib.Path, *, stable_label: bool = True) -> pat
     """TF Serving's ModelServerConfig for every model under `base`, as mounted at /models in its container.
 
     Each model serves its newest version, labelled `stable` when it is a float export, plus the newest int8
-    version under the label `int8` when there is one."""
+    version under the label `int8` when there is one. Writers take turns, each scanning the folders and
+    replacing the file whole, so the last one lists every version and readers never see a partial file."""
+    with locked(base / ".models.config.lock"):
+        return _write_models_config(base, stable_label)
+
+
+def _write_models_config(base: pathlib.Path, stable_label: bool) -> pathlib.Path:
     config = model_server_config_pb2.ModelServerConfig()
     for model_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
         found = versions.folders(model_dir)
@@ -120,9 +138,19 @@ def quantized_copy(model: keras.Model, mode: str = "int8") -> keras.Model:
 
 def export(model: keras.Model, task: Task, *, base: pathlib.Path, name: str, record: dict,
            stable_label: bool = True) -> pathlib.Path:
-    """Writes the next version of `name` under `base`; returns its folder. `record` goes to kerasbig.json."""
+    """Writes the next version of `name` under `base`; returns its folder. `record` goes to kerasbig.json.
+    Exports of one model take turns (a lock in its folder), so each gets its own version number, and the
+    temporaries that a killed export left are removed first."""
     model_base = base / name
     model_base.mkdir(parents=True, exist_ok=True)
+    with locked(model_base / ".lock"):
+        remove_temporaries(model_base)
+        final = _write_version(model, task, model_base, name, record)
+    write_models_config(base, stable_label=stable_label)
+    return final
+
+
+def _write_version(model: keras.Model, task: Task, model_base: pathlib.Path, name: str, record: dict) -> pathlib.Path:
     version = next_version(model_base)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_base))
     # Serving needs the weights only: detach the optimizer so its state stays out of the SavedModel (`del`,
@@ -140,8 +168,8 @@ def export(model: keras.Model, task: Task, *, base: pathlib.Path, name: str, rec
         extra = tmp / "assets.extra"
         extra.mkdir()
         _write_warmup(extra / "tf_serving_warmup_requests", name, task.serving_input.name, samples)
-        versions = {"keras": keras.__version__, "tensorflow": tf.__version__, "python": sys.version.split()[0]}
-        record = {**record, "size_bytes": saved_model_bytes(tmp), "versions": versions}
+        libraries = {"keras": keras.__version__, "tensorflow": tf.__version__, "python": sys.version.split()[0]}
+        record = {**record, "size_bytes": saved_model_bytes(tmp), "versions": libraries}
         (extra / "kerasbig.json").write_text(json.dumps(record, indent=2, default=str))
         expected = {k: v.numpy() for k, v in serve(tf.constant(samples, task.serving_input.dtype)).items()}
         _verify_in_fresh_process(tmp, samples, expected)
@@ -151,7 +179,6 @@ def export(model: keras.Model, task: Task, *, base: pathlib.Path, name: str, rec
         if optimizer is not None:
             model.optimizer = optimizer
         shutil.rmtree(tmp, ignore_errors=True)
-    write_models_config(base, stable_label=stable_label)
     return final
 
 
@@ -173,4 +200,5 @@ def _check(directory: str, samples_path: str) -> None:
 
 
 if __name__ == "__main__":
+    _die_with_parent(int(sys.argv[3]))
     _check(*sys.argv[1:3])

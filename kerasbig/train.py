@@ -17,12 +17,12 @@ import tensorflow as tf
 from absl import flags, logging
 from ml_collections import config_flags
 
-from kerasbig import cli, config as config_lib, data, distribute, evaluation, export, models
+from kerasbig import checkpoint, cli, config as config_lib, data, distribute, evaluation, export, models
 from kerasbig.callbacks import (Dashboard, EarlyStopping, LearningRateScheduler, ProfileSteps, Throughput,
                                 WarmupDecay, peak_flops_per_device)
 from kerasbig.data.spec import LANGUAGE_MODEL
 from kerasbig.errors import RunError, UsageError, first_line
-from kerasbig.files import write_atomically
+from kerasbig.files import hold_workdir, write_atomically
 from kerasbig.models import sizing
 from kerasbig.trainer import Preempted, Trainer
 
@@ -138,8 +138,10 @@ def run() -> None:
     with strategy.scope():
         model = models.build(task.spec, config.model)
         optimizer = make_optimizer(config, FLAGS.mixed_precision, model)
+    check_resumable(workdir, config, FLAGS.seed)
     if chief:
         writable_dir(workdir, "--workdir")
+        hold_workdir(workdir)
         if FLAGS.mode in ("train_and_export", "export"):
             writable_dir(export_base / export_name, "--export_dir")
         print(f"Config {name}:\n{config}")
@@ -184,6 +186,20 @@ def run() -> None:
         if config.export.quantize:
             export_quantized(model, task, float_version=path, record=record, base=export_base, name=export_name,
                              mode=config.export.quantize, stable_label=config.export.stable_label)
+
+
+def check_resumable(workdir: pathlib.Path, config, seed: int) -> None:
+    """Refuses a config (or seed) that the checkpoints in `workdir` were not trained with, unless a resume can
+    take the change (more steps, other cadences: config.RESUMABLE)."""
+    state = checkpoint.latest_state(workdir / "checkpoints")
+    if not state or "config" not in state:
+        return
+    conflicts = config_lib.resume_conflicts({**state["config"], "seed": state.get("seed")},
+                                            {**config_lib.to_dict(config), "seed": seed})
+    if conflicts:
+        raise UsageError(f"--workdir={workdir} holds checkpoints of another run ({'; '.join(conflicts[:5])}"
+                         f"{'; ...' if len(conflicts) > 5 else ''}); rerun with its config and seed, or pass another "
+                         "--workdir (a resume may change only the length and the cadences)")
 
 
 def export_quantized(model, task, *, float_version: pathlib.Path, record: dict, base: pathlib.Path, name: str,

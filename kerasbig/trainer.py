@@ -30,12 +30,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from kerasbig import config as config_lib
 from kerasbig import distribute
 from kerasbig.callbacks import StopOnNonFiniteLoss
 from kerasbig.checkpoint import Checkpoints
 from kerasbig.data import pipeline
 from kerasbig.data.spec import LANGUAGE_MODEL, Task
 from kerasbig.errors import RunError
+from kerasbig.files import remove_temporaries
 from kerasbig.losses import correct_predictions, per_example_loss
 
 
@@ -87,6 +89,8 @@ class Trainer:
         io_device = "/job:localhost" if isinstance(strategy, tf.distribute.TPUStrategy) else None
         self.checkpoints = Checkpoints(workdir / "checkpoints", model=model, optimizer=optimizer,
                                        keep=train.keep_checkpoints, is_chief=is_chief, io_device=io_device)
+        if is_chief:  # the chief holds the workdir's lock: what a killed save left there is stale
+            remove_temporaries(self.checkpoints.directory)
         self._train_fn = self._make_train_function()
         self._eval_fn = self._make_eval_function()
         self._all_finite = self._make_finite_check()
@@ -221,7 +225,7 @@ class Trainer:
                            f"good checkpoint in {self.checkpoints.directory} was kept (lower the learning rate "
                            "or set --config.optimizer.clip_norm)")
         state = {"step": step, "complete": complete, "stopped_early": complete and bool(self.model.stop_training),
-                 "callbacks": {}}
+                 "config": config_lib.to_dict(self.config), "seed": self.seed, "callbacks": {}}
         arrays = {}
         for callback in callbacks:
             if hasattr(callback, "get_state"):

@@ -21,6 +21,17 @@ BAD_INPUTS = [
     (["--config.optimizer.name=rmsprop"], "config.optimizer.name='rmsprop' is not one of"),
     (["--strategy=mirrored", "--num_cpu_replicas=3", "--config.data.batch_size=64"], "not divisible by the 3 replicas"),
     (["stray"], "unexpected arguments"),
+    (["--config.export.name=../../x"], "config.export.name='../../x' must be a plain folder name"),
+    (["--config.export.name=/tmp/x"], "must be a plain folder name"),
+    (["--config.optimizer.label_smoothing=1.0"], "config.optimizer.label_smoothing=1.0 must be [0, 1)"),
+    (["--config.optimizer.weight_decay=-0.1"], "config.optimizer.weight_decay=-0.1 must be >= 0"),
+    (["--config.optimizer.clip_norm=nan"], "config.optimizer.clip_norm=nan must be >= 0"),
+    (["--config.train.checkpoint_every_steps=-5"], "config.train.checkpoint_every_steps=-5 must be >= 0"),
+    (["--config.data.eval_batch_size=100000000"], "eval_batch_size=100000000 is larger than the largest"),
+    (["--config.data.test_fraction=0.0"], "config.data.test_fraction=0.0 must be in (0, 1)"),
+    (["--config.data.test_fraction=1.0"], "config.data.test_fraction=1.0 must be in (0, 1)"),
+    (["--seed=-1"], "--seed=-1 must be in [0, 4294967296)"),
+    (["--seed=99999999999"], "must be in [0, 4294967296)"),
 ]
 
 
