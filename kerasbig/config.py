@@ -18,6 +18,7 @@ from kerasbig.errors import UsageError
 from kerasbig.files import write_atomically
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
+MONITORED = ("val_loss", "val_accuracy", "loss", "accuracy")  # what early stopping can watch in kerasbig's loop
 SEED_LIMIT = 2 ** 32  # numpy's seeds, which Keras and scikit-learn use
 
 
@@ -120,6 +121,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.export.quantize not in ("", "int8"):
         raise UsageError(f"config.export.quantize={config.export.quantize!r} must be '' or 'int8'")
     _check_export_name(config.export.name)
+    stop = config.train.early_stopping
+    if stop.enabled and stop.monitor not in MONITORED:
+        raise UsageError(f"config.train.early_stopping.monitor={stop.monitor!r} is not logged by the training loop; "
+                         f"choose one of {list(MONITORED)}")
     if config.data.batch_size % config.optimizer.accumulation_steps:
         raise UsageError(f"config.data.batch_size={config.data.batch_size} must be divisible by "
                          f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}")

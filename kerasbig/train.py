@@ -234,8 +234,9 @@ def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: i
         log_dir=train_logs, log_every_steps=config.train.log_every_steps)]
     if config.train.early_stopping.enabled:
         stop = config.train.early_stopping
-        callbacks.append(EarlyStopping(stop.monitor, stop.mode, stop.min_delta, stop.patience, stop.baseline,
-                                       stop.start_from_epoch, stop.restore_best_weights, verbose=1))
+        callbacks.append(EarlyStopping(stop.monitor, stop.min_delta, stop.patience, verbose=1, mode=stop.mode,
+                                       baseline=stop.baseline, restore_best_weights=stop.restore_best_weights,
+                                       start_from_epoch=stop.start_from_epoch))
     batch = config.data.batch_size
     tokens = batch * task.spec.seq_len if task.spec.kind == LANGUAGE_MODEL else None
     peak = peak_flops_per_device()

@@ -273,7 +273,7 @@ def test_non_finite_loss_stops_within_one_execution(steps_per_execution, bad_ste
 
 
 @pytest.mark.parametrize("monitor, better", [("val_accuracy", 0.9), ("val_loss", 0.1)])
-def test_early_stopping_auto_mode_follows_the_metric_name(monitor, better):
+def test_early_stopping_auto_mode_on_kerasbigs_own_logs(monitor, better):
     stopper = EarlyStopping(monitor=monitor, patience=0)
     stopper.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
     stopper.on_train_begin()
@@ -289,3 +289,42 @@ def test_profile_steps_writes_a_trace_of_the_chosen_steps(tmp_path):
     model.fit(np.ones((32, 4)), np.ones((32, 2)), batch_size=4, verbose=0,
               callbacks=[ProfileSteps(str(tmp_path), 2, 3)])
     assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+
+
+# --- Keras's own semantics (cases after keras/src/callbacks/early_stopping_test.py and
+# learning_rate_scheduler_test.py) -----------------------------------------------------------------
+
+def test_early_stopping_takes_keras_positional_arguments():
+    stopper = EarlyStopping("val_loss", 0.01, 2)
+    assert (stopper.monitor, stopper.patience, stopper.mode) == ("val_loss", 2, "auto")
+    assert stopper.min_delta == 0.01
+
+
+@pytest.mark.parametrize("metric, values, stop_epoch", [
+    (keras.metrics.R2Score(), [0.1, 0.2, 0.3, 0.4], None),              # goes up: improving, no stop
+    (keras.metrics.R2Score(), [0.4, 0.3, 0.2, 0.1], 2),
+    (keras.metrics.CosineSimilarity(), [0.1, 0.2, 0.3, 0.4], None),
+    (keras.metrics.FBetaScore(), [0.1, 0.2, 0.3, 0.4], None),
+    (keras.metrics.MeanIoU(num_classes=2), [0.1, 0.2, 0.3, 0.4], None),
+    (keras.metrics.PearsonCorrelation(), [0.1, 0.2, 0.3, 0.4], None),
+    (keras.metrics.MeanSquaredError(), [0.4, 0.3, 0.2, 0.1], None),    # goes down
+])
+def test_auto_mode_follows_the_compiled_metrics_direction(metric, values, stop_epoch):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse", metrics=[metric])
+    model.fit(np.ones((4, 2)), np.ones((4, 2)), verbose=0)  # builds the compiled metrics
+    stopper = EarlyStopping(monitor=f"val_{metric.name}", patience=2)
+    stopper.set_model(model)
+    stopper.on_train_begin()
+    assert drive(stopper, values, monitor=f"val_{metric.name}") == stop_epoch
+
+
+def test_a_second_fit_applies_its_own_schedule():
+    model, seen = one_weight_model(), []
+    model.fit(*ones_data(4), batch_size=BATCH, verbose=0,
+              callbacks=[LearningRateScheduler(WarmupDecay(0.01, decay="constant"))])
+    before = float(model.layers[0].kernel[0, 0])
+    model.fit(*ones_data(4), batch_size=BATCH, verbose=0,
+              callbacks=[LearningRateScheduler(WarmupDecay(0.5, decay="constant")), batch_recorder(model, seen)])
+    assert [logs["learning_rate"] for _, logs in seen] == pytest.approx([0.5] * 4)
+    assert float(model.layers[0].kernel[0, 0]) == pytest.approx(before - 4 * 0.5)

@@ -111,3 +111,18 @@ def test_period_is_an_epoch_when_no_step_cadence_is_set(tmp_path):
     run.fit([], verbose=False)
     state = json.loads((tmp_path / "checkpoints" / "step-00000008" / "state.json").read_text())
     assert state["complete"] and sorted(checkpoint_weights(tmp_path)) == sorted(v.path for v in run.model.variables)
+
+
+def test_validation_calls_the_test_hooks_as_fit_does(tmp_path):
+    """Keras's fit runs validation between on_test_begin and on_test_end with a batch hook per batch."""
+    calls = []
+    hooks = keras.callbacks.LambdaCallback(
+        on_test_begin=lambda logs: calls.append("begin"),
+        on_test_batch_begin=lambda batch, logs: calls.append(f"batch {batch}"),
+        on_test_batch_end=lambda batch, logs: calls.append("end" if "loss" in logs else "no loss"),
+        on_test_end=lambda logs: calls.append(f"done {sorted(logs)}"))
+    config = digits_config(steps=8, eval_every_steps=4)
+    config.data.eval_batch_size = 64  # 180 validation examples: 3 batches
+    trainer(config, tmp_path).fit([hooks], verbose=False)
+    one_pass = ["begin", "batch 0", "end", "batch 1", "end", "batch 2", "end", "done ['accuracy', 'loss']"]
+    assert calls == one_pass * 2

@@ -1,6 +1,5 @@
 """Runs never corrupt each other: a workdir has one writer, a resume keeps its config, exports take turns and
 models.config is never seen half written, and what a killed run left behind is cleaned up."""
-import json
 import os
 import signal
 import subprocess

@@ -6,16 +6,18 @@ import keras
 from kerasbig.errors import UsageError
 
 MODES = ("auto", "min", "max")
-MAXIMIZED = ("acc", "auc", "f1", "precision", "recall")  # metric names that `mode="auto"` maximises
 
 
 class EarlyStopping(keras.callbacks.EarlyStopping):
-    """`keras.callbacks.EarlyStopping` plus `get_state`/`set_state`, so a resumed run keeps counting.
+    """`keras.callbacks.EarlyStopping`, with its arguments and decisions, plus `get_state`/`set_state` so that a
+    resumed run keeps counting.
 
-    The decision depends only on the monitored value in the epoch logs, so workers that all-reduce
-    it before `on_epoch_end` all stop at the same epoch. A checkpoint stores `get_state()` (JSON) and,
-    with `restore_best_weights`, `best_weights` (a list of arrays); after `set_state` the next
-    `on_train_begin` keeps that state instead of starting over as Keras does.
+    `mode="auto"` takes the direction as Keras does, from the compiled metric of that name (`r2_score` and
+    `f1_score` go up, `mean_squared_error` down); kerasbig's own loop compiles no metrics, and logs `loss`
+    (minimised) and `accuracy` (maximised). The decision depends only on the monitored value in the epoch logs,
+    so workers that all-reduce it before `on_epoch_end` all stop at the same epoch. A checkpoint stores
+    `get_state()` (JSON) and, with `restore_best_weights`, `best_weights` (a list of arrays); after
+    `set_state` the next `on_train_begin` keeps that state instead of starting over as Keras does.
 
     >>> stopper = EarlyStopping(patience=1)
     >>> stopper.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
@@ -25,22 +27,31 @@ class EarlyStopping(keras.callbacks.EarlyStopping):
     (True, {'wait': 1, 'best': 0.5, 'best_epoch': 1, 'stopped_epoch': 2})
     """
 
-    def __init__(self, monitor: str = "val_loss", mode: str = "auto", min_delta: float = 0.0, patience: int = 0,
-                 baseline: float | None = None, start_from_epoch: int = 0, restore_best_weights: bool = False,
-                 verbose: int = 0):
+    def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0, verbose: int = 0,
+                 mode: str = "auto", baseline: float | None = None, restore_best_weights: bool = False,
+                 start_from_epoch: int = 0):
         if mode not in MODES:
             raise UsageError(f"early stopping mode={mode!r} is unknown; accepted: {', '.join(MODES)}")
         if patience < 0 or start_from_epoch < 0:
             raise UsageError(f"early stopping patience and start_from_epoch must be >= 0, "
                              f"got {patience} and {start_from_epoch}")
-        if mode == "auto":  # Keras 3 decides only from compiled metrics; kerasbig's loop logs plain names
-            mode = "max" if any(word in monitor for word in MAXIMIZED) else "min"
         super().__init__(monitor=monitor, min_delta=min_delta, patience=patience, verbose=verbose, mode=mode,
                          baseline=baseline, restore_best_weights=restore_best_weights,
                          start_from_epoch=start_from_epoch)
         self.best = None
         self.best_epoch = 0
         self._resumed = False
+
+    def _set_monitor_op(self):
+        if self.mode == "auto" and self.monitor.removeprefix("val_") == "accuracy" and not self._compiled(self.monitor):
+            self.monitor_op = keras.ops.greater  # kerasbig's loop logs accuracy without a compiled metric
+            return
+        super()._set_monitor_op()
+
+    def _compiled(self, monitor: str) -> bool:
+        """Whether the model has a compiled metric named like `monitor`, whose direction Keras then uses."""
+        names = {m.name for group in getattr(self.model, "metrics", []) for m in getattr(group, "metrics", [group])}
+        return monitor.removeprefix("val_") in names
 
     def on_train_begin(self, logs=None):
         if not self._resumed:

@@ -129,6 +129,10 @@ class LearningRateScheduler(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.model.optimizer.learning_rate = self.schedule
+        if getattr(self.model, "train_function", None) is not None:
+            # `fit` made its step function before this hook, and one traced in an earlier `fit` would still
+            # apply the schedule it was traced with.
+            self.model.make_train_function(force=True)
         if self.log_dir:
             self._writer = tf.summary.create_file_writer(self.log_dir)
         self._last_written_step = None
