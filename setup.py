@@ -9,7 +9,9 @@ setup(
     description=__doc__,
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["kerasbig", "kerasbig.*"]),
+    # The shipped configs travel inside the package, so that an installed kerasbig has its default config.
+    packages=find_packages(include=["kerasbig", "kerasbig.*"]) + ["kerasbig.configs"],
+    package_dir={"kerasbig.configs": "configs"},
     python_requires=">=3.10",
     install_requires=[
         "keras>=3.10,<4",

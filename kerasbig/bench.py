@@ -9,6 +9,7 @@ times steps per second.
     python -m kerasbig.bench                       # all cases, table on stdout
     python -m kerasbig.bench --cases=gpt_small --output=docs/benchmark.md
     python -m kerasbig.bench --suite=generation    # time per generated token, cached keys/values vs recomputing
+    python -m kerasbig.bench --suite=cpu           # kerasbig's loop against model.fit and the bare step
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from kerasbig import cli
+from kerasbig import bench_loop, cli
 from kerasbig.errors import RunError, UsageError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -49,13 +50,17 @@ CASES = {case.name: case for case in [
     Case("gpt_small_bf16", "gpt_small", ("--mixed_precision=mixed_bfloat16",), steps=60),
 ]}
 
-SUITES = ("train", "generation")
+SUITES = ("train", "cpu", "generation")
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    flags.DEFINE_enum("suite", "train", SUITES, "train: the training cases; generation: the decoding cache.")
-    flags.DEFINE_list("cases", list(CASES), f"Training cases to run: {', '.join(CASES)}.")
+    flags.DEFINE_enum("suite", "train", SUITES, "train: throughput of the training cases through the real command; "
+                      "cpu: kerasbig's loop side by side with model.fit and the bare step; generation: the decoding "
+                      "cache.")
+    flags.DEFINE_list("cases", None, f"Cases to run (default all): train {', '.join(CASES)}; cpu "
+                      f"{', '.join(bench_loop.LOOP_CASES)}.")
+    flags.DEFINE_integer("repeats", 3, "cpu suite: interleaved repeats of each variant.", lower_bound=1)
     flags.DEFINE_string("output", "", "Also write the table, with the machine's description, to this Markdown file.")
 
 
@@ -130,14 +135,17 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    unknown = sorted(set(FLAGS.cases) - set(CASES))
+    known = bench_loop.LOOP_CASES if FLAGS.suite == "cpu" else CASES
+    unknown = sorted(set(FLAGS.cases or []) - set(known))
     if unknown:
-        raise UsageError(f"--cases: unknown {unknown}; choose from {list(CASES)}")
+        raise UsageError(f"--cases: unknown {unknown}; choose from {list(known)}")
     if FLAGS.suite == "generation":
         rows = generation_rows()
+    elif FLAGS.suite == "cpu":
+        rows = bench_loop.suite(FLAGS.cases or list(bench_loop.LOOP_CASES), repeats=FLAGS.repeats)
     else:
         rows = []
-        for name in FLAGS.cases:
+        for name in FLAGS.cases or list(CASES):
             print(f"running {name} ...", flush=True)
             rows.append(run_case(CASES[name]))
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, "

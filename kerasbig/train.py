@@ -26,10 +26,12 @@ from kerasbig.files import hold_workdir, write_atomically
 from kerasbig.models import sizing
 from kerasbig.trainer import Preempted, Trainer
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+# The shipped configs: configs/ in a checkout, kerasbig/configs/ in an installed wheel (setup.py puts them there).
+PACKAGE = pathlib.Path(__file__).resolve().parent
+CONFIGS = PACKAGE / "configs" if (PACKAGE / "configs").is_dir() else PACKAGE.parent / "configs"
 MODES = ("train_and_export", "train", "eval", "export", "dry_run")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-DEFAULT_CONFIG = REPO / "configs" / "digits_cnn.py"
+DEFAULT_CONFIG = CONFIGS / "digits_cnn.py"
 
 FLAGS = flags.FLAGS
 
@@ -60,13 +62,17 @@ def _config_error(err: Exception, argv: list[str]) -> str:
     given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     path = pathlib.Path((given[-1] if given else str(DEFAULT_CONFIG)).split(":")[0])
     if not path.is_file():
-        return f"--config: {path} does not exist; choose one of {sorted(p.name for p in (REPO / 'configs').glob('*.py'))}"
+        return f"--config: {path} does not exist; the shipped configs are in {CONFIGS}: {sorted(shipped_configs())}"
     key = str(err).strip("'\" ")
     overrides = [a.split("=")[0][2:] for a in argv if a.startswith("--config.")]
     for flag in overrides:
         if key in flag.split("."):
             return f"--{flag}: unknown config key {key!r}; the keys of {path.name} are printed at the start of a run"
     return f"--config={path}: {first_line(err)} (a config file must define get_config() returning a ConfigDict)"
+
+
+def shipped_configs() -> list[str]:
+    return [p.stem for p in CONFIGS.glob("*.py") if not p.name.startswith("_")]
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -120,9 +126,9 @@ def run() -> None:
     task = data.load_task(config.data)
     config_lib.check_batch(config, splits=task.num_examples, replicas=strategy.num_replicas_in_sync)
     name = config_name()
-    workdir = pathlib.Path(FLAGS.workdir or REPO / "logs" / name)
+    workdir = pathlib.Path(FLAGS.workdir or pathlib.Path("logs") / name)
     export_name = config.export.name or name
-    export_base = pathlib.Path(FLAGS.export_dir or REPO / "saved_models")
+    export_base = pathlib.Path(FLAGS.export_dir or "saved_models")
     if FLAGS.export_dir:  # --export_dir is the model's own base folder, as DESIGN.md says
         export_base, export_name = export_base.parent, export_base.name
 
@@ -225,13 +231,8 @@ def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: i
     goes to the HParams table beside the config; `profile_steps` (A, B) traces those steps."""
     replicas = run_info["replicas"]
     train_logs = str(workdir / "train") if workdir else None
-    schedule = config.schedule
-    decay_steps = max(1, total_steps - schedule.warmup_steps)
-    callbacks = [LearningRateScheduler(
-        WarmupDecay(config.optimizer.learning_rate, warmup_steps=schedule.warmup_steps, decay=schedule.decay,
-                    decay_steps=decay_steps, min_learning_rate=schedule.min_learning_rate,
-                    decay_rate=schedule.decay_rate, step_size=schedule.step_size),
-        log_dir=train_logs, log_every_steps=config.train.log_every_steps)]
+    callbacks = [LearningRateScheduler(schedule_of(config, total_steps), log_dir=train_logs,
+                                       log_every_steps=config.train.log_every_steps)]
     if config.train.early_stopping.enabled:
         stop = config.train.early_stopping
         callbacks.append(EarlyStopping(stop.monitor, stop.min_delta, stop.patience, verbose=1, mode=stop.mode,
@@ -249,6 +250,15 @@ def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: i
         if profile_steps:
             callbacks.append(ProfileSteps(train_logs, *profile_steps))
     return callbacks
+
+
+def schedule_of(config, total_steps: int) -> WarmupDecay:
+    """The learning rate of `config.schedule` over a run of `total_steps` steps."""
+    schedule = config.schedule
+    return WarmupDecay(config.optimizer.learning_rate, warmup_steps=schedule.warmup_steps, decay=schedule.decay,
+                       decay_steps=max(1, total_steps - schedule.warmup_steps),
+                       min_learning_rate=schedule.min_learning_rate, decay_rate=schedule.decay_rate,
+                       step_size=schedule.step_size)
 
 
 def make_optimizer(config, mixed_precision: str = "float32", model: keras.Model | None = None

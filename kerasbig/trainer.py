@@ -137,14 +137,15 @@ class Trainer:
 
         @tf.function
         def train(iterator, steps, sigterm):
-            """Runs `steps` steps; returns the summed (loss, correct, count) and, riding on the same all-reduce,
-            the number of replicas whose worker got a SIGTERM (`sigterm` is this worker's 0 or 1)."""
+            """Runs `steps` steps; returns the summed (loss, correct, count), riding on the same all-reduce the
+            number of replicas whose worker got a SIGTERM (`sigterm` is this worker's 0 or 1), and the learning
+            rate the optimizer applies next (so callbacks need not evaluate the schedule on the host)."""
             totals = tf.zeros([4])
             for _ in tf.range(steps):
                 x, y = next(iterator)
                 totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM,
                                                self.strategy.run(step_and_vote, (x, y, sigterm)), None)
-            return totals
+            return tf.concat([totals, [tf.cast(self.optimizer.learning_rate, tf.float32)]], 0)
         return train
 
     def _make_eval_function(self):
@@ -307,7 +308,7 @@ class Trainer:
                 values = self._train_fn(iterator, tf.constant(n), tf.constant(float(self._sigterm))).numpy()
                 sums.add(values[:3])
                 step += n
-                logs = sums.logs()
+                logs = {**sums.logs(), "learning_rate": float(values[4])}
                 callback_list.on_train_batch_end(step - start - 1, logs)
                 if nonfinite.bad_step is not None:
                     raise RunError(f"{nonfinite.message} and the last good checkpoint in {self.checkpoints.directory} "

@@ -1,0 +1,182 @@
+"""kerasbig's training loop side by side with plain `model.fit` and the bare compiled step (`bench --suite=cpu`).
+
+Every variant trains the same model from the same initial weights on the same batches (kerasbig's input
+stream), with the same optimizer, schedule, batch, steps and validation cadence, in a fresh process:
+- `kerasbig`: `Trainer.fit` with the run's callbacks (schedule, throughput, TensorBoard dashboard) and its
+  checkpoints, as `python -m kerasbig.train` runs it;
+- `fit`: `model.compile` + `model.fit(steps_per_epoch=..., validation_data=...)` with the same schedule as the
+  optimizer's learning rate;
+- `step`: kerasbig's compiled multi-step function called in a bare loop (no callbacks, validation or checkpoints):
+  the floor;
+- `step_cached`: the same with one batch repeated from memory: the step without any input pipeline, so that
+  `step - step_cached` is what waiting for input costs.
+Each reports the training call's seconds, the median step time of the executions after the first (inside
+`on_train_batch_begin`..`end` for the loops with callbacks) and the seconds from process start to the end of the
+first step (start-up, tracing, compilation).
+
+    python -m kerasbig.bench_loop VARIANT CASE      # one measurement, a JSON line (what the suite runs)
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import keras
+import tensorflow as tf
+
+from kerasbig import data, distribute, models
+from kerasbig.data import pipeline
+from kerasbig.train import CONFIGS, make_callbacks, make_optimizer, schedule_of
+from kerasbig.trainer import Trainer
+
+VARIANTS = ("kerasbig", "fit", "step", "step_cached")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopCase:
+    config: str
+    train: dict
+    replicas: int = 1
+
+
+LOOP_CASES = {
+    "digits_mlp": LoopCase("digits_mlp", {"epochs": 20}),
+    "digits_cnn": LoopCase("digits_cnn", {"epochs": 8}),
+    "digits_cnn_mirrored": LoopCase("digits_cnn", {"epochs": 8}, replicas=2),
+    "text_transformer": LoopCase("text_transformer", {"steps": 60, "eval_every_steps": 30}),
+    "gpt_small": LoopCase("gpt_small", {"steps": 60, "eval_every_steps": 30}),
+}
+
+
+def _config(case: LoopCase):
+    spec = importlib.util.spec_from_file_location(case.config, CONFIGS / f"{case.config}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.train.update({"early_stopping": {**config.train.early_stopping, "enabled": False}, **case.train})
+    return config
+
+
+class StepTimes(keras.callbacks.Callback):
+    """Wall time of each execution, from its `on_train_batch_begin` to its `on_train_batch_end` (last in the list,
+    so the other callbacks' end hooks count), and when the first one ended."""
+
+    def __init__(self):
+        super().__init__()
+        self.spans, self.first_end, self._begin = [], None, None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._begin = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.spans.append(time.perf_counter() - self._begin)
+        self.first_end = self.first_end or time.time()
+
+
+def measure(variant: str, case: LoopCase) -> dict:
+    """One variant of one case, in this process."""
+    if case.replicas > 1:
+        distribute.split_cpu(case.replicas)
+    keras.utils.set_random_seed(0)
+    config = _config(case)
+    strategy = distribute.make("mirrored" if case.replicas > 1 else "one_device", num_cpu_replicas=case.replicas)
+    task = data.load_task(config.data)
+    with strategy.scope():
+        model = models.build(task.spec, config.model)
+        optimizer = make_optimizer(config, model=model)
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(model, optimizer, task, strategy, config, pathlib.Path(workdir))
+        spe, steps = config.train.steps_per_execution, trainer.total_steps
+        timer = StepTimes()
+        start = time.perf_counter()
+        if variant == "kerasbig":
+            callbacks = make_callbacks(config, pathlib.Path(workdir), task=task, total_steps=steps, flops_per_step=None,
+                                       run_info={"seed": 0, "mixed_precision": "float32", "replicas": case.replicas},
+                                       validation_predictions=trainer.latest_validation)
+            trainer.fit([*callbacks, timer], verbose=False)
+        elif variant == "fit":
+            _fit(model, optimizer, task, config, trainer, strategy, timer)
+        else:
+            _bare_steps(trainer, steps, spe, cached=variant == "step_cached", timer=timer)
+        seconds = time.perf_counter() - start
+    per_execution = statistics.median(timer.spans[1:]) if len(timer.spans) > 1 else float("nan")
+    return {"seconds": seconds, "step_ms": 1e3 * per_execution / spe, "first_step_end": timer.first_end,
+            "steps": steps}
+
+
+def _fit(model, optimizer, task, config, trainer: Trainer, strategy, timer: StepTimes) -> None:
+    """Plain Keras: the same schedule as the optimizer's rate, the same batches, validation each period."""
+    with strategy.scope():
+        optimizer.learning_rate = schedule_of(config, trainer.total_steps)
+        if config.optimizer.clip_norm:
+            optimizer.global_clipnorm = config.optimizer.clip_norm
+        model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
+                      steps_per_execution=config.train.steps_per_execution, jit_compile=config.train.jit_compile)
+    batch = config.data.batch_size
+    train = pipeline.train_batches(task, global_batch=batch, seed=0, start_step=0, total_steps=trainer.total_steps)
+    validation = pipeline.eval_batches(task, "validation", global_batch=config.data.eval_batch_size)
+    model.fit(train, epochs=trainer.epochs, steps_per_epoch=trainer.period, validation_data=validation,
+              callbacks=[timer], verbose=0)
+
+
+def _bare_steps(trainer: Trainer, steps: int, spe: int, *, cached: bool, timer: StepTimes) -> None:
+    def dataset_fn(context):
+        stream = pipeline.train_batches(trainer.task, global_batch=trainer.global_batch, seed=0, start_step=0,
+                                        total_steps=steps, context=context)
+        return stream.take(1).cache().repeat() if cached else stream
+    iterator = iter(trainer.strategy.distribute_datasets_from_function(dataset_fn))
+    for done in range(0, steps, spe):
+        timer.on_train_batch_begin(done)
+        trainer._train_fn(iterator, tf.constant(min(spe, steps - done)), tf.constant(0.0)).numpy()
+        timer.on_train_batch_end(done)
+
+
+def suite(cases: list[str], repeats: int = 3) -> list[dict]:
+    """Interleaved repeats of every variant of each case in fresh processes; medians, spreads and ratios."""
+    rows = []
+    for name in cases:
+        runs = {variant: [] for variant in VARIANTS}
+        for _ in range(repeats):
+            for variant in VARIANTS:
+                spawned = time.time()
+                result = subprocess.run([sys.executable, "-m", "kerasbig.bench_loop", variant, name],
+                                        capture_output=True, text=True)
+                if result.returncode:
+                    raise RuntimeError(f"{name} {variant}: {result.stderr.strip().splitlines()[-1:]}")
+                measured = json.loads(result.stdout.strip().splitlines()[-1])
+                measured["first_step_s"] = measured.pop("first_step_end") - spawned
+                runs[variant].append(measured)
+        rows.append(_row(name, runs))
+    return rows
+
+
+def _row(name: str, runs: dict[str, list[dict]]) -> dict:
+    def median(variant, key):
+        return statistics.median(run[key] for run in runs[variant])
+
+    def spread(variant, key):
+        values = [run[key] for run in runs[variant]]
+        return (max(values) - min(values)) / statistics.median(values)
+
+    return {
+        "case": name, "steps": runs["kerasbig"][0]["steps"],
+        "kerasbig (s)": median("kerasbig", "seconds"), "fit (s)": median("fit", "seconds"),
+        "kerasbig / fit": median("kerasbig", "seconds") / median("fit", "seconds"),
+        "spread": max(spread("kerasbig", "seconds"), spread("fit", "seconds")),
+        "step ms: kerasbig": median("kerasbig", "step_ms"), "fit": median("fit", "step_ms"),
+        "bare": median("step", "step_ms"),
+        "kerasbig / bare": median("kerasbig", "step_ms") / median("step", "step_ms"),
+        "input wait": max(0.0, 1 - median("step_cached", "step_ms") / median("step", "step_ms")),
+        "first step (s)": median("kerasbig", "first_step_s"), "fit first step (s)": median("fit", "first_step_s"),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1], LOOP_CASES[sys.argv[2]])))
