@@ -17,22 +17,33 @@ from kerasbig.errors import UsageError
 from kerasbig.files import write_atomically
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
+DECODE_ERRORS = ("strict", "replace")
+MIN_IMAGE_SIZE = 8
 
 
 def base() -> ml_collections.ConfigDict:
     """Every configurable key with its default. Batch sizes are global (summed over all replicas)."""
     config = ml_collections.ConfigDict()
     config.data = dict(
-        name="digits",            # digits | text_lm | text_classification | tfds:<name>
+        name="digits",            # digits | text_lm | text_classification | tfds:NAME | images:DIR | text:DIR |
+                                  # csv:FILE | corpus:GLOB (see kerasbig.data and docs/data.md)
         batch_size=64,            # global batch size
         eval_batch_size=256,
         split_seed=0,             # fixes the train/validation/test split, independent of --seed
-        test_fraction=0.2,        # embedded datasets: held out, never used for training or model choice
+        test_fraction=0.2,        # embedded data and folders without test/: held out, never used for training
         validation_fraction=0.1,
         augment=False,
         seq_len=128,              # text datasets
         source="pydoc_topics",    # text_lm: pydoc_topics | stdlib | both
         data_dir="",              # tfds: where prepared datasets live ('' = TFDS_DATA_DIR or ~/tensorflow_datasets)
+        image_size=64,            # images: side of the square every image is resized to
+        skip_bad_files=False,     # images: skip (and list) files that do not decode instead of stopping
+        decode_errors="strict",   # text: strict (a file that is not UTF-8 stops the run) | replace (bad bytes -> U+FFFD)
+        label="",                 # csv: the label column
+        numeric="",               # csv: comma-separated numeric columns ('' = inferred)
+        categorical="",           # csv: comma-separated categorical columns ('' = inferred)
+        tokenizer="bytes",        # corpus: bytes | bpe:N | unigram:N (SentencePiece, trained on the train split)
+        cache_dir="",             # corpus: token shards and tokenizer ('' = a .kerasbig-cache folder beside the files)
     )
     config.model = dict(name="cnn")
     config.optimizer = dict(
@@ -81,6 +92,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the values that types alone cannot; raises UsageError naming the key and what is accepted."""
     _positive(config, "data.batch_size", config.data.batch_size)
     _positive(config, "data.eval_batch_size", config.data.eval_batch_size)
+    fractions = config.data.test_fraction, config.data.validation_fraction
+    if not (min(fractions) > 0 and sum(fractions) < 1):
+        raise UsageError(f"config.data.test_fraction={fractions[0]} and config.data.validation_fraction="
+                         f"{fractions[1]} must be > 0 with a sum below 1")
     if config.train.steps == 0:
         _positive(config, "train.epochs", config.train.epochs)
     _positive(config, "train.steps", config.train.steps, 0)
@@ -89,6 +104,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive(config, "train.log_every_steps", config.train.log_every_steps)
     _positive(config, "train.keep_checkpoints", config.train.keep_checkpoints)
     _positive(config, "optimizer.accumulation_steps", config.optimizer.accumulation_steps)
+    _positive(config, "data.image_size", config.data.image_size, MIN_IMAGE_SIZE)
+    if config.data.decode_errors not in DECODE_ERRORS:
+        raise UsageError(f"config.data.decode_errors={config.data.decode_errors!r} is not one of {list(DECODE_ERRORS)}")
     if config.optimizer.name not in OPTIMIZERS:
         raise UsageError(f"config.optimizer.name={config.optimizer.name!r} is not one of {list(OPTIMIZERS)}")
     if not config.optimizer.learning_rate > 0:
