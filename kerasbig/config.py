@@ -13,6 +13,7 @@ import pathlib
 import ml_collections
 
 from kerasbig.callbacks.lr_schedule import DECAYS
+from kerasbig.data.corpus import parse_tokenizer
 from kerasbig.errors import UsageError
 from kerasbig.files import write_atomically
 
@@ -107,6 +108,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive(config, "data.image_size", config.data.image_size, MIN_IMAGE_SIZE)
     if config.data.decode_errors not in DECODE_ERRORS:
         raise UsageError(f"config.data.decode_errors={config.data.decode_errors!r} is not one of {list(DECODE_ERRORS)}")
+    parse_tokenizer(config.data.tokenizer)
     if config.optimizer.name not in OPTIMIZERS:
         raise UsageError(f"config.optimizer.name={config.optimizer.name!r} is not one of {list(OPTIMIZERS)}")
     if not config.optimizer.learning_rate > 0:

@@ -169,6 +169,8 @@ def export(model: keras.Model, task: Task, *, base: pathlib.Path, name: str, rec
             cases[signature_name] = (_named(spec, samples), expected)
         extra = tmp / "assets.extra"
         extra.mkdir()
+        if task.tokenizer is not None and task.tokenizer.model:  # for clients that tokenize text themselves
+            (extra / "tokenizer.model").write_bytes(task.tokenizer.model)
         _write_warmup(extra / "tf_serving_warmup_requests", name, cases["serving_default"][0])
         versions = {"keras": keras.__version__, "tensorflow": tf.__version__, "python": sys.version.split()[0]}
         record = {**record, "size_bytes": saved_model_bytes(tmp), "versions": versions}
@@ -196,10 +198,12 @@ def _check(directory: str, samples_path: str) -> None:
         outputs = signatures[signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
         for key, want in expected.items():
             got = outputs[key].numpy()
-            same = (np.array_equal(got, want) if want.dtype == object
-                    else got.dtype == want.dtype and np.allclose(got, want, rtol=1e-4, atol=1e-5))
-            if not same:
-                sys.exit(f"{signature_name} output {key!r} differs from the trained model's")
+            if want.dtype == object:  # strings
+                if not np.array_equal(got, want):
+                    sys.exit(f"{signature_name} output {key!r} differs from the trained model's")
+            elif got.dtype != want.dtype or not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+                sys.exit(f"{signature_name} output {key!r} differs from the trained model's (max abs diff "
+                         f"{np.max(np.abs(got.astype(np.float64) - want)):.3g}, dtypes {got.dtype}/{want.dtype})")
         for key, value in outputs.items():
             if value.dtype not in (tf.float32, tf.int64, tf.string):
                 sys.exit(f"output {key!r} has dtype {value.dtype.name}; serving outputs must be float32, int64 "

@@ -52,11 +52,12 @@ def main() -> None:
     vocabulary = task.spec.class_names  # None for bytes; the characters for a character-level model
     if vocabulary is not None and set(FLAGS.prompt) - set(vocabulary):
         raise UsageError(f"--prompt has characters outside the model's vocabulary: {sorted(set(FLAGS.prompt) - set(vocabulary))}")
-    prompt = text.encode(FLAGS.prompt, vocabulary)
+    tokenizer = task.tokenizer  # a trained tokenizer (corpus: data); None for bytes and characters
+    prompt = tokenizer.encode(FLAGS.prompt) if tokenizer else text.encode(FLAGS.prompt, vocabulary)
     tokens = generate(model, prompt, FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                       top_k=FLAGS.top_k or None, seed=FLAGS.seed)
     print(f"[{model.name} at step {step}]")
-    print(FLAGS.prompt + text.decode(tokens, vocabulary))
+    print(FLAGS.prompt + (tokenizer.decode(tokens) if tokenizer else text.decode(tokens, vocabulary)))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import sklearn.metrics
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.framework import op_def_registry
 
 from conftest import REPO, kerasbig, stop
 from kerasbig import config as config_lib, data
@@ -72,6 +74,15 @@ def post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
+
+
+def assert_core_ops(version: pathlib.Path) -> None:
+    """Every op in the SavedModel's graph is registered by core TensorFlow (no TF Text or custom ops), so the
+    stock TF Serving image loads it."""
+    graph = saved_model_pb2.SavedModel.FromString((version / "saved_model.pb").read_bytes()).meta_graphs[0].graph_def
+    functions = {f.signature.name for f in graph.library.function}
+    ops = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+    assert ops - functions and not {op for op in ops - functions if op_def_registry.get(op) is None}
 
 
 def assert_bad_data(*args: str, workdir: pathlib.Path, names: str) -> None:
@@ -204,6 +215,7 @@ def test_trained_exported_and_served_with_encoded_bytes(folder, tmp_path):
     labels = [label for _, label in task.test.as_numpy_iterator()]
     signatures = tf.saved_model.load(str(models / "shapes" / "1")).signatures
     assert set(signatures) == {"serving_default", "pixels"}
+    assert_core_ops(models / "shapes" / "1")
     with serving(models) as url:
         body = {"instances": [{"b64": base64.b64encode(pathlib.Path(f).read_bytes()).decode()} for f in files]}
         predictions = post(f"{url}/v1/models/shapes:predict", body)["predictions"]

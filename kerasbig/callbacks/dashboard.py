@@ -174,11 +174,12 @@ class Dashboard(keras.callbacks.Callback):
     def _sample(self) -> str:
         """Markdown: the start of the first validation window, and what the model writes after it."""
         continuation = generation.generate(self.model, self._prompt, self.sample_tokens, temperature=0.8, top_k=40)
-        vocabulary = self.task.spec.class_names
+        tokenizer, vocabulary = self.task.tokenizer, self.task.spec.class_names
+        decode = tokenizer.decode if tokenizer else lambda ids: text.decode(ids, vocabulary)
         return (f"**Prompt** ({len(self._prompt)} tokens of the validation set)\n\n"
-                f"{code_block(text.decode(self._prompt, vocabulary))}\n\n"
+                f"{code_block(decode(self._prompt))}\n\n"
                 f"**Continuation** ({self.sample_tokens} tokens, temperature 0.8, top-k 40)\n\n"
-                f"{code_block(text.decode(continuation, vocabulary))}")
+                f"{code_block(decode(continuation))}")
 
 
 def _image_inputs(task: Task) -> np.ndarray | None:

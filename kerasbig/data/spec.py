@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import tensorflow as tf
@@ -33,6 +33,16 @@ class DataSpec:
     @property
     def seq_len(self) -> int:
         return self.input_shape[0]
+
+
+class Tokenizer(Protocol):
+    """Text <-> token ids for a language model whose tokens are not plain UTF-8 bytes (`kerasbig.data.text`)."""
+
+    model: bytes | None  # the serialised tokenizer, exported as assets.extra/tokenizer.model
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +81,8 @@ class Task:
     decoded; None when the splits hold the raw examples themselves. Read splits through `examples(split)`.
     `token_bytes[id]` (language models) is how many bytes of text token `id` stands for, so that evaluation
     reports bits per byte honestly whatever the tokenizer. `encoded` (optional) is the form clients send when
-    that is not the raw input (see `EncodedInput`).
+    that is not the raw input (see `EncodedInput`). `tokenizer` (language models) turns text into token ids and
+    back; None means UTF-8 bytes.
     """
 
     spec: DataSpec
@@ -86,6 +97,7 @@ class Task:
     load: Callable[..., tuple] | None = None
     token_bytes: np.ndarray | None = None  # language models: UTF-8 bytes each token id stands for (bits per byte)
     encoded: EncodedInput | None = None
+    tokenizer: Tokenizer | None = None
 
     def examples(self, split: str) -> tf.data.Dataset:
         """The raw `(input, label)` examples of `split`, in its stored order."""
