@@ -69,7 +69,8 @@ def test_listed_columns_override_inference(cancer):
         data.load_task(data_config(f"csv:{cancer}", label="diagnosis", numeric="size band"))
 
 
-@pytest.mark.parametrize("case", ["no_label_key", "no_label_column", "single_value", "missing_file", "ragged"])
+@pytest.mark.parametrize("case", ["no_label_key", "no_label_column", "single_value", "missing_file", "ragged",
+                                  "missing_label"])
 def test_bad_tables_are_named(cancer, tmp_path, case):
     path, label = cancer, "diagnosis"
     if case == "no_label_key":
@@ -86,8 +87,13 @@ def test_bad_tables_are_named(cancer, tmp_path, case):
         path = tmp_path / "ragged.csv"
         path.write_text("x,y\n1,a\n2\n")
         label = "y"
+    if case == "missing_label":
+        path = tmp_path / "gap.csv"
+        path.write_text("x,y\n1,a\n\n2,\n3,b\n")  # line 3 is blank, line 4 has no label
+        label = "y"
     expected = {"no_label_key": "--config.data.label=COLUMN", "no_label_column": "no column 'outcome'",
-                "single_value": "single value", "missing_file": "does not exist", "ragged": "line 3"}[case]
+                "single_value": "single value", "missing_file": "does not exist", "ragged": "line 3",
+                "missing_label": "line 4 has no value in the label column 'y'"}[case]
     with pytest.raises(UsageError, match=expected) as error:
         data.load_task(data_config(f"csv:{path}", label=label))
     assert "\n" not in str(error.value)

@@ -17,15 +17,14 @@ from test_data_images import data_config, post, serving
 SEQ_LEN = 64
 
 
-def write_text_folder(root: pathlib.Path, per_class: int = 10) -> pathlib.Path:
-    """Two classes that bytes tell apart: English help pages ("prose") and standard-library code ("code")."""
+def write_text_folder(root: pathlib.Path, per_class: int = 20) -> pathlib.Path:
+    """Two classes that bytes tell apart: English help pages ("prose") and asyncio's sources ("code")."""
     prose = sorted(text.pydoc_topics().values(), key=len)[-per_class:]
-    code = [source for _, source in sorted(text.stdlib_sources(("json",)).items())]
-    code = (code * per_class)[:per_class]
-    for name, documents in (("prose", prose), ("code", code)):
+    code = [source for _, source in sorted(text.stdlib_sources(("asyncio",)).items()) if len(source) > 1000]
+    for name, documents in (("prose", prose), ("code", code[:per_class])):
         (root / name).mkdir(parents=True)
         for i, document in enumerate(documents):
-            (root / name / f"{i}.txt").write_text(document[i * 50:i * 50 + 400], encoding="utf-8")
+            (root / name / f"{i}.txt").write_text(document[500:900], encoding="utf-8")
     return root
 
 
@@ -37,7 +36,7 @@ def folder(tmp_path_factory):
 def test_files_become_raw_strings_and_byte_ids(folder):
     task = data.load_task(data_config(f"text:{folder}", seq_len=SEQ_LEN))
     assert task.spec.class_names == ("code", "prose") and task.serving_input.dtype == tf.string
-    assert task.num_examples == {"train": 14, "validation": 2, "test": 4}
+    assert task.num_examples == {"train": 28, "validation": 4, "test": 8}
     path, _ = next(task.test.as_numpy_iterator())
     raw, label = next(iter(task.examples("test")))
     assert raw.numpy() == pathlib.Path(path.decode()).read_bytes()

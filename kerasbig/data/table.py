@@ -67,21 +67,22 @@ def _read(path: str, label: str, flag: str) -> Table:
         raise UsageError(f"{flag}: {path} does not exist; point data.name at a CSV file") from None
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"{flag}: {path} cannot be read as UTF-8 CSV ({error}); save it as UTF-8 CSV") from None
-    if len(rows) < 2:
+    if len(rows) < 2 or not any(rows[1:]):
         raise UsageError(f"{flag}: {path} needs a header row and at least one data row")
-    header, rows = rows[0], [row for row in rows[1:] if row]
+    header = rows[0]
+    lines, rows = zip(*[(line, row) for line, row in enumerate(rows[1:], 2) if row])
     if label not in header:
         raise UsageError(f"{flag}: {path} has no column {label!r} for data.label; its columns are {header}")
-    for line, row in enumerate(rows, 2):
+    for line, row in zip(lines, rows):
         if len(row) != len(header):
             raise UsageError(f"{flag}: {path} line {line} has {len(row)} fields but the header has {len(header)}; "
                              "fix the row (quote fields that contain commas)")
     cells = np.array(rows, dtype=object).reshape(len(rows), len(header))
     label_values = cells[:, header.index(label)]
-    empty = [line for line, value in enumerate(label_values, 2) if value.strip().lower() in MISSING]
-    if empty:
-        raise UsageError(f"{flag}: {path} line {empty[0]} has no value in the label column {label!r}; fill it or "
-                         "drop the row")
+    for line, value in zip(lines, label_values):
+        if value.strip().lower() in MISSING:
+            raise UsageError(f"{flag}: {path} line {line} has no value in the label column {label!r}; fill it or "
+                             "drop the row")
     class_names = tuple(sorted(set(label_values), key=_number_first))
     if len(class_names) < 2:
         raise UsageError(f"{flag}: the label column {label!r} of {path} has a single value ({class_names[0]!r}); "
