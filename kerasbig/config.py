@@ -39,6 +39,7 @@ def base() -> ml_collections.ConfigDict:
         data_dir="",              # tfds: where prepared datasets live ('' = TFDS_DATA_DIR or ~/tensorflow_datasets)
         image_size=64,            # images: side of the square every image is resized to
         skip_bad_files=False,     # images: skip (and list) files that do not decode instead of stopping
+        cache_images=False,       # images: keep decoded images in memory after their first read
         decode_errors="strict",   # text: strict (a file that is not UTF-8 stops the run) | replace (bad bytes -> U+FFFD)
         label="",                 # csv: the label column
         numeric="",               # csv: comma-separated numeric columns ('' = inferred)

@@ -138,6 +138,17 @@ def test_grayscale_folders_have_one_channel_and_decoding_matches_the_signature(t
     np.testing.assert_array_equal(task.encoded.decode(encoded).numpy(), raw.numpy())
 
 
+def test_cached_images_are_the_streamed_ones(folder):
+    config = data_config(f"images:{folder}", image_size=SIZE)
+    streamed = next(iter(data.load_task(config).examples("test").batch(100)))
+    config.cache_images = True
+    cached = data.load_task(config)
+    assert cached.load is None  # the splits hold decoded images
+    for _ in range(2):  # the first pass fills the cache, the second reads it
+        for a, b in zip(streamed, next(iter(cached.examples("test").batch(100)))):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_augmentation_is_stateless_and_keeps_the_shape(folder):
     image = next(iter(data.load_task(data_config(f"images:{folder}", image_size=SIZE)).examples("train")))[0]
     seed = tf.constant([3, 7], tf.int64)

@@ -5,6 +5,9 @@ of the data (1 if every image is grayscale, else 3; alpha is dropped). Splits ho
 and decoded after shuffling, so memory does not grow with the number of files. Every file is decoded once when
 the task loads, to name a corrupt file before anything is written (`data.skip_bad_files` skips and lists them).
 
+`data.cache_images=True` keeps the decoded images in memory after their first read instead (faster epochs,
+memory that grows with the files).
+
 Raw inputs are float32 pixels 0-255 of shape (size, size, channels). The SavedModel's `serving_default` takes
 `image_bytes` (encoded image files; `{"b64": ...}` over REST) and decodes them inside the graph with core ops
 (DecodeImage, ResizeBilinear); the `pixels` signature takes the decoded pixels.
@@ -107,8 +110,16 @@ def load(path: str, data_config) -> Task:
     files, channels = _check_files(_files(path, data_config), flag, data_config.skip_bad_files)
     size = data_config.image_size
     decode = functools.partial(_decode, size=size, channels=channels)
-    stored = {split: tf.data.Dataset.from_tensor_slices((paths.astype(str), labels))
-              for split, (paths, labels) in files.splits.items()}
+    files_of = {split: tf.data.Dataset.from_tensor_slices((paths.astype(str), labels))
+                for split, (paths, labels) in files.splits.items()}
+
+    def read(path, label):
+        return decode(tf.io.read_file(path)), label
+    if data_config.cache_images:  # decoded once, then kept in memory
+        stored = {split: d.map(read, num_parallel_calls=tf.data.AUTOTUNE).cache() for split, d in files_of.items()}
+        load = None
+    else:
+        stored, load = files_of, read
     return Task(
         spec=_spec(files, size, channels),
         **stored,
@@ -116,9 +127,9 @@ def load(path: str, data_config) -> Task:
         serving_input=tf.TensorSpec([None, size, size, channels], tf.float32, name="pixels"),
         preprocess=_scale,
         augment=augment if data_config.augment else None,
-        load=lambda path, label: (decode(tf.io.read_file(path)), label),
+        load=load,
         encoded=EncodedInput(
             spec=tf.TensorSpec([None], tf.string, name="image_bytes"),
             decode=functools.partial(_decode_batch, size=size, channels=channels),
-            examples=lambda split: stored[split].map(lambda path, label: (tf.io.read_file(path), label))),
+            examples=lambda split: files_of[split].map(lambda path, label: (tf.io.read_file(path), label))),
     )
