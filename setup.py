@@ -21,6 +21,7 @@ setup(
         "ml-collections>=0.1.1,<2",
         "scikit-learn>=1.3,<2",
         "numpy>=1.26,<3",
+        "sentencepiece>=0.2,<0.3",  # BPE and unigram tokenizers trained on corpus: data
         # TF Serving's own protos (warmup records, models.config, the gRPC API) come only with
         # tensorflow-serving-api, which requires the `tensorflow` distribution by name: with `tensorflow-cpu`
         # beside it pip would install both, one overwriting the other. So the base is the full `tensorflow`

@@ -14,29 +14,42 @@ import pathlib
 import ml_collections
 
 from kerasbig.callbacks.lr_schedule import DECAYS
+from kerasbig.data.corpus import parse_tokenizer
 from kerasbig.errors import UsageError
 from kerasbig.files import write_atomically
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
 MONITORED = ("val_loss", "val_accuracy", "loss", "accuracy")  # what early stopping can watch in kerasbig's loop
 SEED_LIMIT = 2 ** 32  # numpy's seeds, which Keras and scikit-learn use
+DECODE_ERRORS = ("strict", "replace")
+MIN_IMAGE_SIZE = 8
 
 
 def base() -> ml_collections.ConfigDict:
     """Every configurable key with its default. Batch sizes are global (summed over all replicas)."""
     config = ml_collections.ConfigDict()
     config.data = dict(
-        name="digits",            # digits | text_lm | text_classification | tfds:<name>
+        name="digits",            # digits | text_lm | text_classification | tfds:NAME | images:DIR | text:DIR |
+                                  # csv:FILE | corpus:GLOB (see kerasbig.data and docs/data.md)
         batch_size=64,            # global batch size
         eval_batch_size=256,
         split_seed=0,             # fixes the train/validation/test split, independent of --seed
-        test_fraction=0.2,        # embedded datasets: held out, never used for training or model choice
+        test_fraction=0.2,        # embedded data and folders without test/: held out, never used for training
         validation_fraction=0.1,
         augment=False,
         seq_len=128,              # text datasets
         source="pydoc_topics",    # text_lm: pydoc_topics | stdlib | both
         max_tokens=4_000_000,     # text_lm: cap on the corpus, shared by the splits 80/10/10
         data_dir="",              # tfds: where prepared datasets live ('' = TFDS_DATA_DIR or ~/tensorflow_datasets)
+        image_size=64,            # images: side of the square every image is resized to
+        skip_bad_files=False,     # images: skip (and list) files that do not decode instead of stopping
+        cache_images=False,       # images: keep decoded images in memory after their first read
+        decode_errors="strict",   # text: strict (a file that is not UTF-8 stops the run) | replace (bad bytes -> U+FFFD)
+        label="",                 # csv: the label column
+        numeric="",               # csv: comma-separated numeric columns ('' = inferred)
+        categorical="",           # csv: comma-separated categorical columns ('' = inferred)
+        tokenizer="bytes",        # corpus: bytes | bpe:N | unigram:N (SentencePiece, trained on the train split)
+        cache_dir="",             # corpus: token shards and tokenizer ('' = a .kerasbig-cache folder beside the files)
     )
     config.model = dict(name="cnn")
     config.optimizer = dict(
@@ -112,6 +125,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"{config.data.test_fraction + config.data.validation_fraction} leaves nothing to train on; "
                          "keep their sum below 1")
     _in_range("data.split_seed", config.data.split_seed, f"in [0, {SEED_LIMIT})", lambda v: 0 <= v < SEED_LIMIT)
+    _positive(config, "data.image_size", config.data.image_size, MIN_IMAGE_SIZE)
+    if config.data.decode_errors not in DECODE_ERRORS:
+        raise UsageError(f"config.data.decode_errors={config.data.decode_errors!r} is not one of {list(DECODE_ERRORS)}")
+    parse_tokenizer(config.data.tokenizer)
     if config.optimizer.name not in OPTIMIZERS:
         raise UsageError(f"config.optimizer.name={config.optimizer.name!r} is not one of {list(OPTIMIZERS)}")
     if not config.optimizer.learning_rate > 0:

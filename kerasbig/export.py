@@ -6,6 +6,7 @@ fresh process, and only then renamed into place, so TF Serving never sees half a
 `saved_models/models.config` (TF Serving's `--model_config_file`) is rewritten atomically after each export.
 
 Verification entry point (run by `export` itself): `python -m kerasbig.export SAVED_MODEL_DIR SAMPLES.npz PARENT_PID`.
+Classifiers answer `probabilities`, `classes` and, when the data names its classes, `class_names`.
 """
 from __future__ import annotations
 
@@ -36,30 +37,51 @@ WARMUP_EXAMPLES = 8
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
-def serving_function(model: keras.Model, task: Task):
-    """`serving_default`: raw named input -> preprocess -> model -> named float32 outputs."""
-
-    @tf.function(input_signature=[task.serving_input], autograph=False)  # plain Python at trace time
-    def serve(raw):
-        logits = tf.cast(model(task.preprocess(raw), training=False), tf.float32)
-        if task.spec.kind == CLASSIFICATION:
-            return {"probabilities": tf.nn.softmax(logits), "classes": tf.argmax(logits, -1)}
+def _outputs(model: keras.Model, task: Task, raw) -> dict[str, tf.Tensor]:
+    """A batch of raw inputs -> preprocess -> model -> the named outputs (float32 whatever the precision)."""
+    logits = tf.cast(model(task.preprocess(raw), training=False), tf.float32)
+    if task.spec.kind != CLASSIFICATION:
         return {"logits": logits[:, -1, :]}  # language models: the next token's logits
-    return serve
+    classes = tf.argmax(logits, -1)
+    outputs = {"probabilities": tf.nn.softmax(logits), "classes": classes}
+    if task.spec.class_names:
+        outputs["class_names"] = tf.gather(tf.constant(task.spec.class_names), classes)
+    return outputs
+
+
+def serving_functions(model: keras.Model, task: Task) -> dict[str, tf.types.experimental.GenericFunction]:
+    """The SavedModel's signatures by name: `serving_default` takes what clients send (the raw input, or its
+    encoded form when the task has one, which then also gets a signature for the raw input)."""
+    def signature(spec, to_raw=lambda x: x):
+        # autograph=False: plain Python at trace time.
+        return tf.function(lambda x: _outputs(model, task, to_raw(x)), input_signature=[spec], autograph=False)
+
+    raw = signature(task.serving_input)
+    if task.encoded is None:
+        return {"serving_default": raw}
+    return {"serving_default": signature(task.encoded.spec, task.encoded.decode), task.serving_input.name: raw}
 
 
 def next_version(base: pathlib.Path) -> int:
     return max(versions.folders(base), default=0) + 1
 
 
-def sample_inputs(task: Task, n: int = WARMUP_EXAMPLES) -> np.ndarray:
-    """A few real test inputs, for warmup requests and the fresh-process check."""
-    return np.stack([x.numpy() for x, _ in task.examples("test").take(n)])
+def sample_inputs(task: Task, n: int = WARMUP_EXAMPLES, *, encoded: bool = True):
+    """A few real test inputs as clients send them to `serving_default` (the raw ones with `encoded=False`), for
+    warmup requests and the fresh-process check: an array, or a dict of arrays by input name."""
+    examples = task.encoded.examples("test") if encoded and task.encoded else task.examples("test")
+    return tf.nest.map_structure(lambda t: t.numpy(), next(iter(examples.batch(n)))[0])
 
 
-def _write_warmup(path: pathlib.Path, name: str, input_name: str, samples: np.ndarray) -> None:
+def _named(spec, samples) -> dict[str, np.ndarray]:
+    """{signature input name: array} for the samples of a signature whose input is `spec`."""
+    return samples if isinstance(spec, dict) else {spec.name: samples}
+
+
+def _write_warmup(path: pathlib.Path, name: str, samples: dict[str, np.ndarray]) -> None:
     request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=name, signature_name="serving_default"))
-    request.inputs[input_name].CopyFrom(tf.make_tensor_proto(samples))
+    for input_name, values in samples.items():
+        request.inputs[input_name].CopyFrom(tf.make_tensor_proto(values))
     log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
     with tf.io.TFRecordWriter(str(path)) as writer:
         writer.write(log.SerializeToString())
@@ -73,10 +95,12 @@ def _die_with_parent(parent: int) -> None:
         sys.exit("the export that started this check has ended")
 
 
-def _verify_in_fresh_process(directory: pathlib.Path, samples: np.ndarray, expected: dict) -> None:
+def _verify_in_fresh_process(directory: pathlib.Path, cases: dict[str, tuple[dict, dict]]) -> None:
+    """`cases`: signature name -> (named inputs, expected outputs), checked by `_check` in a new process."""
     with tempfile.TemporaryDirectory() as tmp:
         npz = pathlib.Path(tmp) / "samples.npz"
-        np.savez(npz, __input__=samples, **expected)
+        np.savez(npz, **{f"{signature}/{part}/{key}": value for signature, pair in cases.items()
+                         for part, values in zip(("in", "out"), pair) for key, value in values.items()})
         result = subprocess.run([sys.executable, "-m", "kerasbig.export", str(directory), str(npz), str(os.getpid())],
                                 capture_output=True, text=True)
     if result.returncode != 0:
@@ -159,20 +183,27 @@ def _write_version(model: keras.Model, task: Task, model_base: pathlib.Path, nam
     if optimizer is not None:
         del model.optimizer
     try:
-        serve = serving_function(model, task)
+        functions = serving_functions(model, task)
         archive = keras.export.ExportArchive()
         archive.track(model)
-        archive.add_endpoint("serving_default", serve)
+        for signature_name, function in functions.items():
+            archive.add_endpoint(signature_name, function)
         archive.write_out(str(tmp), verbose=False)
-        samples = sample_inputs(task)
+        cases = {}
+        for signature_name, function in functions.items():
+            spec = function.input_signature[0]
+            samples = sample_inputs(task, encoded=signature_name == "serving_default")
+            expected = {k: v.numpy() for k, v in function(tf.nest.map_structure(tf.constant, samples)).items()}
+            cases[signature_name] = (_named(spec, samples), expected)
         extra = tmp / "assets.extra"
         extra.mkdir()
-        _write_warmup(extra / "tf_serving_warmup_requests", name, task.serving_input.name, samples)
+        if task.tokenizer is not None and task.tokenizer.model:  # for clients that tokenize text themselves
+            (extra / "tokenizer.model").write_bytes(task.tokenizer.model)
+        _write_warmup(extra / "tf_serving_warmup_requests", name, cases["serving_default"][0])
         libraries = {"keras": keras.__version__, "tensorflow": tf.__version__, "python": sys.version.split()[0]}
         record = {**record, "size_bytes": saved_model_bytes(tmp), "versions": libraries}
         (extra / "kerasbig.json").write_text(json.dumps(record, indent=2, default=str))
-        expected = {k: v.numpy() for k, v in serve(tf.constant(samples, task.serving_input.dtype)).items()}
-        _verify_in_fresh_process(tmp, samples, expected)
+        _verify_in_fresh_process(tmp, cases)
         final = model_base / str(version)
         tmp.rename(final)
     finally:
@@ -183,20 +214,27 @@ def _write_version(model: keras.Model, task: Task, model_base: pathlib.Path, nam
 
 
 def _check(directory: str, samples_path: str) -> None:
-    """Loads a SavedModel as TF Serving would and compares `serving_default` with the expected outputs."""
-    with np.load(samples_path) as data:
-        samples, expected = data["__input__"], {k: data[k] for k in data.files if k != "__input__"}
-    signature = tf.saved_model.load(directory).signatures["serving_default"]
-    input_name = next(iter(signature.structured_input_signature[1]))
-    outputs = signature(**{input_name: tf.constant(samples)})
-    for key, want in expected.items():
-        got = outputs[key].numpy()
-        if got.dtype != want.dtype or not np.allclose(got, want, rtol=1e-4, atol=1e-5):
-            sys.exit(f"output {key!r} differs from the trained model's (max abs diff "
-                     f"{np.max(np.abs(got.astype(np.float64) - want)):.3g}, dtypes {got.dtype}/{want.dtype})")
-    for key, value in outputs.items():
-        if value.dtype not in (tf.float32, tf.int64):
-            sys.exit(f"output {key!r} has dtype {value.dtype.name}; serving outputs must be float32 or int64")
+    """Loads a SavedModel as TF Serving would and compares each signature with the expected outputs."""
+    cases: dict[str, tuple[dict, dict]] = {}
+    with np.load(samples_path, allow_pickle=True) as data:  # our own file: strings are object arrays
+        for key in data.files:
+            signature_name, part, name = key.split("/", 2)
+            cases.setdefault(signature_name, ({}, {}))[part == "out"][name] = data[key]
+    signatures = tf.saved_model.load(directory).signatures
+    for signature_name, (inputs, expected) in cases.items():
+        outputs = signatures[signature_name](**{k: tf.constant(v) for k, v in inputs.items()})
+        for key, want in expected.items():
+            got = outputs[key].numpy()
+            if want.dtype == object:  # strings
+                if not np.array_equal(got, want):
+                    sys.exit(f"{signature_name} output {key!r} differs from the trained model's")
+            elif got.dtype != want.dtype or not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+                sys.exit(f"{signature_name} output {key!r} differs from the trained model's (max abs diff "
+                         f"{np.max(np.abs(got.astype(np.float64) - want)):.3g}, dtypes {got.dtype}/{want.dtype})")
+        for key, value in outputs.items():
+            if value.dtype not in (tf.float32, tf.int64, tf.string):
+                sys.exit(f"output {key!r} has dtype {value.dtype.name}; serving outputs must be float32, int64 "
+                         "or string")
 
 
 if __name__ == "__main__":

@@ -52,11 +52,12 @@ def main() -> None:
     if not FLAGS.workdir:
         raise UsageError("--workdir is required: the folder of a trained language model, e.g. logs/gpt_small")
     task, model, step = load_language_model(pathlib.Path(FLAGS.workdir))
-    prompt = text.encode(FLAGS.prompt)
+    tokenizer = task.tokenizer  # the corpus' trained tokenizer; None for bytes
+    prompt = tokenizer.encode(FLAGS.prompt) if tokenizer else text.encode(FLAGS.prompt)
     tokens = generate(model, prompt, FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                       top_k=FLAGS.top_k or None, seed=FLAGS.seed)
     print(f"[{model.name} at step {step}]")
-    print(FLAGS.prompt + text.decode(tokens))
+    print(FLAGS.prompt + (tokenizer.decode(tokens) if tokenizer else text.decode(tokens)))
 
 
 if __name__ == "__main__":

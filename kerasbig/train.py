@@ -123,8 +123,10 @@ def run() -> None:
 
     strategy = distribute.make(FLAGS.strategy, tpu=FLAGS.tpu, num_cpu_replicas=FLAGS.num_cpu_replicas)
     chief = distribute.is_chief(strategy)
-    task = data.load_task(config.data)
-    config_lib.check_batch(config, splits=task.num_examples, replicas=strategy.num_replicas_in_sync)
+    # A dry run plans from the spec and split sizes alone, without reading the examples.
+    task = (data.load_plan if FLAGS.mode == "dry_run" else data.load_task)(config.data)
+    if "train" in task.num_examples:  # unknown for a TFDS dataset not prepared here
+        config_lib.check_batch(config, splits=task.num_examples, replicas=strategy.num_replicas_in_sync)
     name = config_name()
     workdir = pathlib.Path(FLAGS.workdir or pathlib.Path("logs") / name)
     export_name = config.export.name or name

@@ -29,7 +29,7 @@ def test_float32_outputs_after_mixed_precision_under_a_strategy(exported):
     models, _ = exported
     signature = tf.saved_model.load(str(models / "digits" / "1")).signatures["serving_default"]
     assert {k: v.dtype for k, v in signature.structured_outputs.items()} == {
-        "probabilities": tf.float32, "classes": tf.int64}
+        "probabilities": tf.float32, "classes": tf.int64, "class_names": tf.string}
     assert list(signature.structured_input_signature[1]) == ["image"]
 
 

@@ -174,10 +174,11 @@ class Dashboard(keras.callbacks.Callback):
     def _sample(self) -> str:
         """Markdown: the start of the first validation window, and what the model writes after it."""
         continuation = generation.generate(self.model, self._prompt, self.sample_tokens, temperature=0.8, top_k=40)
+        decode = self.task.tokenizer.decode if self.task.tokenizer else text.decode
         return (f"**Prompt** ({len(self._prompt)} tokens of the validation set)\n\n"
-                f"{code_block(text.decode(self._prompt))}\n\n"
+                f"{code_block(decode(self._prompt))}\n\n"
                 f"**Continuation** ({self.sample_tokens} tokens, temperature 0.8, top-k 40)\n\n"
-                f"{code_block(text.decode(continuation))}")
+                f"{code_block(decode(continuation))}")
 
 
 def _image_inputs(task: Task) -> np.ndarray | None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import tensorflow as tf
@@ -35,6 +35,39 @@ class DataSpec:
         return self.input_shape[0]
 
 
+class Tokenizer(Protocol):
+    """Text <-> token ids for a language model whose tokens are not plain UTF-8 bytes (`kerasbig.data.text`)."""
+
+    model: bytes | None  # the serialised tokenizer, exported as assets.extra/tokenizer.model
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What `--mode=dry_run` needs of a dataset, found without reading its examples: the spec and the split sizes
+    (empty where they are not known without the data, e.g. a TFDS dataset not prepared here)."""
+
+    spec: DataSpec
+    num_examples: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedInput:
+    """The form clients send when it is not the raw input itself (images: the encoded file bytes).
+
+    The SavedModel's `serving_default` takes `spec` and `decode`s a batch of it into raw inputs, and the raw input
+    keeps a signature of its own, named after `Task.serving_input`. `examples(split)` gives a split's
+    `(encoded input, label)` pairs in its stored order (for warmup requests, checks and tests).
+    """
+
+    spec: tf.TensorSpec
+    decode: Callable[[tf.Tensor], tf.Tensor]
+    examples: Callable[[str], tf.data.Dataset]
+
+
 @dataclasses.dataclass
 class Task:
     """A dataset split three ways, as unbatched stored examples that `load` turns into raw `(input, label)`.
@@ -47,7 +80,9 @@ class Task:
     stored examples (a file path and its label, an offset into token shards) and skipped ones are never
     decoded; None when the splits hold the raw examples themselves. Read splits through `examples(split)`.
     `token_bytes[id]` (language models) is how many bytes of text token `id` stands for, so that evaluation
-    reports bits per byte honestly whatever the tokenizer.
+    reports bits per byte honestly whatever the tokenizer. `encoded` (optional) is the form clients send when
+    that is not the raw input (see `EncodedInput`). `tokenizer` (language models) turns text into token ids and
+    back; None means UTF-8 bytes.
     """
 
     spec: DataSpec
@@ -55,11 +90,14 @@ class Task:
     validation: tf.data.Dataset
     test: tf.data.Dataset
     num_examples: dict[str, int]
-    serving_input: tf.TensorSpec  # a batch of raw inputs, e.g. TensorSpec([None, 8, 8], tf.float32, "image")
+    # A batch of raw inputs, e.g. TensorSpec([None, 8, 8], tf.float32, "image"), or a dict of them by name.
+    serving_input: tf.TensorSpec | dict[str, tf.TensorSpec]
     preprocess: Callable[[tf.Tensor], tf.Tensor] = lambda x: x
     augment: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None
     load: Callable[..., tuple] | None = None
     token_bytes: np.ndarray | None = None  # language models: UTF-8 bytes each token id stands for (bits per byte)
+    encoded: EncodedInput | None = None
+    tokenizer: Tokenizer | None = None
 
     def examples(self, split: str) -> tf.data.Dataset:
         """The raw `(input, label)` examples of `split`, in its stored order."""

@@ -7,13 +7,14 @@ float32 and the signature scales them); text is tokenized to bytes inside the si
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from kerasbig.data.spec import CLASSIFICATION, DataSpec, Task
+from kerasbig.data.spec import CLASSIFICATION, DataSpec, Plan, Task
 from kerasbig.data.text import SPLITS, bytes_to_ids
 from kerasbig.errors import RunError, UsageError
 
@@ -29,21 +30,7 @@ def _load_tfds(name: str, *, data_dir: str | None, seed: int, seq_len: int) -> T
     Without a validation split, the last 10% of train becomes one (TFDS slices are deterministic).
     """
     builder = _builder(name, data_dir)
-    input_key, label_key = _supervised_keys(builder)
-    feature, label = builder.info.features[input_key], builder.info.features[label_key]
-    if isinstance(feature, tfds.features.Image):
-        if None in feature.shape or feature.dtype != tf.uint8:
-            raise UsageError(f"data.name={name!r} has images of shape {feature.shape} and dtype {feature.dtype}; "
-                             f"kerasbig reads fixed-size uint8 images")
-        spec = DataSpec(CLASSIFICATION, "image", tuple(feature.shape), "float32", label.num_classes, tuple(label.names))
-        serving_input = tf.TensorSpec([None, *feature.shape], tf.float32, name="image")
-        preprocess = _scale_pixels
-    elif isinstance(feature, tfds.features.Text):
-        spec = DataSpec(CLASSIFICATION, "text", (seq_len,), "int32", label.num_classes, tuple(label.names))
-        serving_input = tf.TensorSpec([None], tf.string, name="text")
-        preprocess = functools.partial(bytes_to_ids, seq_len=seq_len)
-    else:
-        raise UsageError(f"data.name={name!r} has {type(feature).__name__} inputs; kerasbig reads image or text")
+    spec, serving_input, preprocess = _describe(builder, name, seq_len)
     if not builder.is_prepared():
         raise RunError(f"dataset {name!r} is not on this machine: nothing prepared under {builder.data_dir_root}; "
                        f"download it with `tfds build {name}` where there is internet and copy it here, or point "
@@ -64,15 +51,57 @@ def _load_tfds(name: str, *, data_dir: str | None, seed: int, seq_len: int) -> T
     )
 
 
-def load_tfds(name: str, *, data_dir: str | None = None, seed: int, seq_len: int = 512) -> Task:
-    """The TFDS dataset `name` as a Task; see the module docstring. TFDS's own warnings (about each empty
-    folder it looks in, deprecations) are muted while loading: a missing dataset is reported in one line."""
+def _describe(builder: tfds.core.DatasetBuilder, name: str, seq_len: int):
+    """The spec, serving input and preprocessing of a dataset, from its registered features alone."""
+    input_key, label_key = _supervised_keys(builder)
+    feature, label = builder.info.features[input_key], builder.info.features[label_key]
+    if isinstance(feature, tfds.features.Image):
+        if None in feature.shape or feature.dtype != tf.uint8:
+            raise UsageError(f"data.name={name!r} has images of shape {feature.shape} and dtype {feature.dtype}; "
+                             f"kerasbig reads fixed-size uint8 images")
+        spec = DataSpec(CLASSIFICATION, "image", tuple(feature.shape), "float32", label.num_classes, tuple(label.names))
+        return spec, tf.TensorSpec([None, *feature.shape], tf.float32, name="image"), _scale_pixels
+    if isinstance(feature, tfds.features.Text):
+        spec = DataSpec(CLASSIFICATION, "text", (seq_len,), "int32", label.num_classes, tuple(label.names))
+        return spec, tf.TensorSpec([None], tf.string, name="text"), functools.partial(bytes_to_ids, seq_len=seq_len)
+    raise UsageError(f"data.name={name!r} has {type(feature).__name__} inputs; kerasbig reads image or text")
+
+
+def load(name: str, data_config) -> Task:
+    """`tfds:NAME`, as `load_tfds` reads it."""
+    return load_tfds(name, data_dir=data_config.data_dir or None, seed=data_config.split_seed,
+                     seq_len=data_config.seq_len)
+
+
+def plan(name: str, data_config) -> Plan:
+    """The spec from the dataset's registered metadata, whether or not its data is prepared here; split sizes
+    only when it is (TFDS learns them when it prepares the data)."""
+    with _quiet_tfds():
+        builder = _builder(name, data_config.data_dir or None)
+        spec, _, _ = _describe(builder, name, data_config.seq_len)
+        sizes = {}
+        if builder.is_prepared():
+            sizes = {split: builder.info.splits[tfds_split].num_examples
+                     for split, tfds_split in _split_names(builder).items()}
+    return Plan(spec, sizes)
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Mutes TFDS's own warnings (about each empty folder it looks in, deprecations): a missing dataset is
+    reported in one line."""
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)
     try:
-        return _load_tfds(name, data_dir=data_dir, seed=seed, seq_len=seq_len)
+        yield
     finally:
         logging.set_verbosity(verbosity)
+
+
+def load_tfds(name: str, *, data_dir: str | None = None, seed: int, seq_len: int = 512) -> Task:
+    """The TFDS dataset `name` as a Task; see the module docstring."""
+    with _quiet_tfds():
+        return _load_tfds(name, data_dir=data_dir, seed=seed, seq_len=seq_len)
 
 
 def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
