@@ -25,14 +25,18 @@ from kerasbig import cli
 from kerasbig.errors import RunError, UsageError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("server", "http://127.0.0.1:8501", "Base URL of TF Serving's REST API.")
-flags.DEFINE_string("model_name", None, "Model to ask.", required=True)
-flags.DEFINE_integer("version", None, "Model version; the newest when unset.", lower_bound=0)
-flags.DEFINE_string("signature_name", None, "Signature to run; serving_default when unset.")
-flags.DEFINE_string("input", None, "A .json request body or list of instances, or a .npy array.", required=True)
-flags.DEFINE_float("timeout", 60.0, "Seconds to wait for the reply.", lower_bound=0.0)
-flags.register_validator("server", lambda url: url.startswith(("http://", "https://")),
-                         "--server must be an http:// or https:// URL")
+
+
+def define_flags() -> None:
+    """The command line; only the `__main__` entry defines it, so the functions below import anywhere."""
+    flags.DEFINE_string("server", "http://127.0.0.1:8501", "Base URL of TF Serving's REST API.")
+    flags.DEFINE_string("model_name", None, "Model to ask.", required=True)
+    flags.DEFINE_integer("version", None, "Model version; the newest when unset.", lower_bound=0)
+    flags.DEFINE_string("signature_name", None, "Signature to run; serving_default when unset.")
+    flags.DEFINE_string("input", None, "A .json request body or list of instances, or a .npy array.", required=True)
+    flags.DEFINE_float("timeout", 60.0, "Seconds to wait for the reply.", lower_bound=0.0)
+    flags.register_validator("server", lambda url: url.startswith(("http://", "https://")),
+                             "--server must be an http:// or https:// URL")
 
 
 def read_request(path: Path) -> dict:
@@ -80,13 +84,21 @@ def _server_error(error: urllib.error.HTTPError) -> str:
         return error.reason
 
 
+def predict(server: str, model_name: str, request: dict, *, version: int | None = None,
+            signature_name: str | None = None, timeout: float = 60.0) -> object:
+    """The `predictions` (or `outputs`) that the server at `server` answers to `request`."""
+    if signature_name:
+        request = {**request, "signature_name": signature_name}
+    reply = post_json(predict_url(server, model_name, version), request, timeout)
+    return reply["predictions"] if "predictions" in reply else reply["outputs"]
+
+
 def main() -> None:
-    request = read_request(Path(FLAGS.input))
-    if FLAGS.signature_name:
-        request["signature_name"] = FLAGS.signature_name
-    reply = post_json(predict_url(FLAGS.server, FLAGS.model_name, FLAGS.version), request, FLAGS.timeout)
-    print(json.dumps(reply["predictions"] if "predictions" in reply else reply["outputs"], separators=(",", ":")))
+    reply = predict(FLAGS.server, FLAGS.model_name, read_request(Path(FLAGS.input)), version=FLAGS.version,
+                    signature_name=FLAGS.signature_name, timeout=FLAGS.timeout)
+    print(json.dumps(reply, separators=(",", ":")))
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)
