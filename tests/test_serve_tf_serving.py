@@ -10,10 +10,12 @@ outputs and non-default signatures.
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.request
 
 import pytest
 
+from kerasbig import export
 from serving_models import export_half_plus_two, export_multi
 from test_serve import call, running_server
 
@@ -216,3 +218,32 @@ def test_api_rest_json_mapping_of_each_dtype(server):
 def test_api_rest_unknown_model_error(server):
     assert call(f"{server}/v1/models/half:predict", {"instances": [1.0]}) == (
         404, {"error": "Servable not found for request: Latest(half)"})
+
+
+# Versions as TF Serving serves them: its flags, its default version policy, the models.config kerasbig writes.
+
+def test_model_name_and_model_base_path_serve_the_latest_version_as_in_tf_serving(tmp_path):
+    """`--model_name=x --model_base_path=<versions>`: TF Serving's one-model command line, unchanged; its
+    default policy serves the latest version only."""
+    base = tmp_path / "half"
+    export_half_plus_two(base / "7")
+    shutil.copytree(base / "7", base / "00000123")
+    with running_server(None, tmp_path / "server.log", "--model_name=half", f"--model_base_path={base}") as url:
+        assert call(f"{url}/v1/models/half") == (
+            200, {"model_version_status": [{"version": "123", "state": "AVAILABLE", "status": OK}]})
+        assert call(f"{url}/v1/models/half/versions/7:predict", {"instances": [1.0]})[0] == 404
+        assert call(f"{url}/v1/models/half:predict", {"instances": [1.0]}) == (200, {"predictions": [2.5]})
+
+
+def test_the_models_config_kerasbig_writes_decides_versions_and_labels(tmp_path):
+    """kerasbig's models.config names `/models/<name>` (TF Serving's container path), the newest version as a
+    `specific` policy and the label `stable`; the dev server reads those folders next to the file."""
+    base = tmp_path / "saved_models"
+    for version in (1, 2):
+        export_half_plus_two(base / "half" / str(version))
+    config = export.write_models_config(base)
+    assert 'base_path: "/models/half"' in config.read_text()
+    with running_server(None, tmp_path / "server.log", f"--model_config_file={config}") as url:
+        assert [s["version"] for s in call(f"{url}/v1/models/half")[1]["model_version_status"]] == ["2"]
+        assert call(f"{url}/v1/models/half/labels/stable")[1]["model_version_status"][0]["version"] == "2"
+        assert call(f"{url}/v1/models/half/versions/1:predict", {"instances": [1.0]})[0] == 404
