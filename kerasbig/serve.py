@@ -30,6 +30,7 @@ from absl import flags
 
 from kerasbig import cli, versions
 from kerasbig.errors import RunError, UsageError
+from kerasbig.serving import grpc_api
 from kerasbig.serving.repository import ModelConfig, Repository, read_model_config_file
 from kerasbig.serving.rest import HttpServer, Limits, RestApi
 
@@ -46,6 +47,8 @@ def define_flags() -> None:
     flags.DEFINE_string("model_base_path", "saved_models", "Version folders of one model, or a folder of models.")
     flags.DEFINE_string("model_config_file", None, "TF Serving ModelServerConfig text file (kerasbig writes "
                         "saved_models/models.config); replaces --model_base_path.")
+    flags.DEFINE_integer("port", None, "gRPC port (TF Serving's PredictionService and ModelService); 0 picks a "
+                         "free one; unset: no gRPC.", lower_bound=0, upper_bound=65535)
     flags.DEFINE_integer("rest_api_port", 8501, "HTTP port; 0 picks a free one.", lower_bound=0, upper_bound=65535)
     flags.DEFINE_float("file_system_poll_wait_seconds", 1.0, "Seconds between looks at the version folders; "
                        "0 looks once, at start.", lower_bound=0)
@@ -130,14 +133,25 @@ async def _serve(repository: Repository, host: str, rest_api_port: int, poll_sec
         await server.serve_forever()
 
 
-def serve(repository: Repository, *, host: str, rest_api_port: int, poll_seconds: float, limits: Limits) -> None:
-    """Loads the models, then answers requests until interrupted."""
+def serve(repository: Repository, *, host: str, rest_api_port: int, grpc_port: int | None, poll_seconds: float,
+          limits: Limits) -> None:
+    """Loads the models, then answers REST (and gRPC, with a `grpc_port`) requests until interrupted."""
     _raise_open_file_limit(limits.max_connections)
     load_at_start(repository)
+    grpc_server = None
+    if grpc_port is not None:
+        try:
+            grpc_server, bound = grpc_api.start(repository, host, grpc_port, limits)
+        except OSError as e:
+            raise UsageError(f"--host={host} --port={grpc_port}: cannot listen there") from e
+        log(f"Serving gRPC at {host}:{bound}")
     try:
         asyncio.run(_serve(repository, host, rest_api_port, poll_seconds, limits))
     except KeyboardInterrupt:
         pass
+    finally:
+        if grpc_server is not None:
+            grpc_server.stop(grace=1)
 
 
 def main() -> None:
@@ -147,7 +161,7 @@ def main() -> None:
     configs = model_configs(pathlib.Path(FLAGS.model_base_path), FLAGS.model_name, config_file)
     limits = Limits(max_request_bytes=FLAGS.max_request_bytes, max_request_elements=FLAGS.max_request_elements,
                     num_threads=FLAGS.rest_api_num_threads, read_timeout=FLAGS.rest_api_timeout_in_ms / 1000)
-    serve(Repository(configs, log), host=FLAGS.host, rest_api_port=FLAGS.rest_api_port,
+    serve(Repository(configs, log), host=FLAGS.host, rest_api_port=FLAGS.rest_api_port, grpc_port=FLAGS.port,
           poll_seconds=FLAGS.file_system_poll_wait_seconds, limits=limits)
 
 

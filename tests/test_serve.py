@@ -182,8 +182,9 @@ def assert_digits_rows(predictions: list[dict], expected: dict[str, np.ndarray])
 
 
 def test_status_lists_every_version_and_ignores_exports_in_progress(server):
+    # newest first, as TF Serving lists versions (its ServableStateMonitor keeps them in descending order)
     assert call(f"{server}/v1/models/digits") == (
-        200, {"model_version_status": [{"version": "1", **OK_STATUS}, {"version": "2", **OK_STATUS}]})
+        200, {"model_version_status": [{"version": "2", **OK_STATUS}, {"version": "1", **OK_STATUS}]})
     assert call(f"{server}/v1/models/digits/versions/2") == (
         200, {"model_version_status": [{"version": "2", **OK_STATUS}]})
     assert call(f"{server}/v1/models/digits/labels/stable") == (
@@ -257,11 +258,11 @@ def test_int_tokens_of_any_length(server, base_path):
 def test_a_new_version_is_served_without_a_restart(server, base_path):
     model = base_path / "growing"
     export_digits(model / ".tmp-export", seed=3)
-    assert [s["version"] for s in call(f"{server}/v1/models/growing")[1]["model_version_status"]] == ["1", "2"]
+    assert [s["version"] for s in call(f"{server}/v1/models/growing")[1]["model_version_status"]] == ["2", "1"]
     (model / ".tmp-export").rename(model / "3")  # what kerasbig's exporter does once a version is complete
     # TF Serving notices new versions at its next look at the folder (--file_system_poll_wait_seconds)
     assert until(lambda: [s["version"] for s in call(f"{server}/v1/models/growing")[1]["model_version_status"]]
-                 == ["1", "2", "3"])
+                 == ["3", "2", "1"])
     batch = images(2, seed=2)
     status, reply = call(f"{server}/v1/models/growing:predict", {"instances": batch.tolist()})
     assert status == 200

@@ -177,7 +177,7 @@ def test_a_broken_version_shows_its_error_while_the_newest_loadable_serves(model
     """Item 5: as in TF Serving, the broken version's status has state END and its load error."""
     status, reply = call(f"{server}/v1/models/broken")
     assert status == 200, reply
-    first, second = reply["model_version_status"]
+    second, first = reply["model_version_status"]  # newest first
     assert (first["version"], first["state"], first["status"]["error_code"]) == ("1", "AVAILABLE", "OK")
     assert (second["version"], second["state"]) == ("2", "END")
     assert second["status"]["error_code"] != "OK" and "Failed to load broken version 2" in \

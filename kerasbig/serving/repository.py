@@ -86,6 +86,11 @@ def _dtype_name(spec: tf.TensorSpec) -> str:
     return "string" if spec.dtype == tf.string else spec.dtype.name
 
 
+def signature_dtypes(signature_def: meta_graph_pb2.SignatureDef) -> dict[str, str]:
+    """{input: dtype name} ("string" for tf.string), the type information JSON requests need."""
+    return {key: _dtype_name(_tensor_spec(info)) for key, info in signature_def.inputs.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Servable:
     """One loaded version of a model."""
@@ -105,28 +110,61 @@ class Servable:
         return {key: _tensor_spec(info) for key, info in self.signature_def(signature).inputs.items()}
 
     def input_dtypes(self, signature: str) -> dict[str, str]:
-        """{input: dtype name} ("string" for tf.string), the type information JSON requests need."""
-        return {key: _dtype_name(spec) for key, spec in self.input_specs(signature).items()}
+        return signature_dtypes(self.signature_def(signature))
 
     def run(self, signature: str, inputs: dict[str, np.ndarray], output_filter: tuple[str, ...] = ()
             ) -> dict[str, np.ndarray]:
         """Runs `signature` on exactly its inputs; returns its outputs (those in `output_filter`, if given)."""
         specs = self.input_specs(signature)
-        if set(inputs) != set(specs):
-            raise invalid(f"Request inputs do not match required inputs for model `{self.name}`. "
-                          f"Send extra: {sorted(set(inputs) - set(specs))}. "
-                          f"Missing but required: {sorted(set(specs) - set(inputs))}.")
+        if set(inputs) != set(specs):  # TF Serving's message (servables/tensorflow/predict_util.cc)
+            sent, wanted = sorted(inputs), sorted(specs)
+            raise invalid(f"input size does not match signature: {len(sent)}!={len(wanted)} len({{{','.join(sent)}}})"
+                          f" != len({{{','.join(wanted)}}}). Sent extra: {{{','.join(sorted(set(sent) - set(wanted)))}}}."
+                          f" Missing but required: {{{','.join(sorted(set(wanted) - set(sent)))}}}.")
         tensors = {key: _input_tensor(key, inputs[key], spec) for key, spec in specs.items()}
         outputs = self.signature_def(signature).outputs
         unknown = [key for key in output_filter if key not in outputs]
         if unknown:
-            raise invalid(f"output tensor alias not found in signature: {unknown[0]}")
+            raise invalid(f"output tensor alias not found in signature: {unknown[0]} Outputs expected to be in the "
+                          f"set {{{','.join(sorted(outputs))}}}.")
+        results = self._call(signature, tensors)
+        return {key: results[key] for key in output_filter or tuple(results)}
+
+    def _call(self, signature: str, tensors: dict[str, tf.Tensor]) -> dict[str, np.ndarray]:
         try:
             results = self.model.signatures[signature or DEFAULT_SIGNATURE](**tensors)
         except tf.errors.OpError as e:
             raise ServingError(_TF_CODES.get(e.error_code, "UNKNOWN"), e.message) from e
-        wanted = output_filter or tuple(results)
-        return {key: _to_numpy(results[key]) for key in wanted}
+        return {key: _to_numpy(value) for key, value in results.items()}
+
+    def _run_examples(self, signature: str, method: str, examples: list[bytes]) -> dict[str, np.ndarray]:
+        """Runs a classify or regress signature, whose one input takes serialized tf.Examples."""
+        signature_def = self.signature_def(signature)
+        if signature_def.method_name != f"tensorflow/serving/{method}":
+            raise invalid(f"Expected {method} signature method_name to be tensorflow/serving/{method}. "
+                          f"Was: {signature_def.method_name}")
+        [input_key] = signature_def.inputs
+        outputs = self._call(signature, {input_key: tf.constant(examples, tf.string)})
+        return {key: value.reshape(len(examples), -1) for key, value in outputs.items()}
+
+    def classify(self, signature: str, examples: list[bytes]) -> list[list[tuple[str, float]]]:
+        """[(label, score), ...] per example, from the `classes` and/or `scores` outputs (label "" or score 0
+        where the signature has only the other, as in TF Serving)."""
+        outputs = self._run_examples(signature, "classify", examples)
+        classes, scores = outputs.get("classes"), outputs.get("scores")
+        if classes is None and scores is None:
+            raise invalid("Classification signature must have a classes or a scores output")
+        count = (classes if classes is not None else scores).shape[1]
+        return [[(classes[i, j].decode() if classes is not None else "",
+                  float(scores[i, j]) if scores is not None else 0.0) for j in range(count)]
+                for i in range(len(examples))]
+
+    def regress(self, signature: str, examples: list[bytes]) -> list[float]:
+        """One value per example, from the `outputs` output of shape [batch] or [batch, 1]."""
+        values = self._run_examples(signature, "regress", examples).get("outputs")
+        if values is None or values.shape[1] != 1:
+            raise invalid("Expected output Tensor shape to be either [batch_size] or [batch_size, 1]")
+        return values[:, 0].astype(float).tolist()
 
     def metadata(self) -> get_model_metadata_pb2.GetModelMetadataResponse:
         """GetModelMetadataResponse with the `signature_def` metadata, as TF Serving answers it."""
@@ -279,12 +317,13 @@ class Repository:
 
     def status(self, name: str, version: int | None = None, label: str | None = None
                ) -> get_model_status_pb2.GetModelStatusResponse:
-        """GetModelStatusResponse: every version of `name` the policy asks for, or the one requested."""
+        """GetModelStatusResponse: every version of `name` the policy asks for, newest first as TF Serving lists
+        them (ServableStateMonitor's VersionMap), or the one requested."""
         version = self.resolve(name, version, label)
         if name not in self._models or not self._models[name][1]:
             raise not_found(f"Could not find any versions of model {name}")
         states = self._models[name][1]
         if version is not None and version not in states:
             raise not_found(f"Could not find version {version} of model {name}")
-        chosen = states.values() if version is None else [states[version]]
+        chosen = reversed(states.values()) if version is None else [states[version]]
         return get_model_status_pb2.GetModelStatusResponse(model_version_status=[s.status() for s in chosen])
