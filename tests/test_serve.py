@@ -290,7 +290,9 @@ IMAGE = images(1).tolist()
     ("nope", None, 404, "Could not find any versions of model nope"),
     ("digits/versions/9/metadata", None, 404, "Specific(digits, 9)"),
     ("..", None, 404, "versions of model .."),
-    ("digits:classify", {"examples": []}, 400, "Malformed request"),
+    ("digits:classify", {"examples": []}, 400, "'examples' value is an empty array"),
+    ("digits:classify", {"examples": [{"x": 1.0}]}, 400, "method_name to be tensorflow/serving/classify"),
+    ("digits:Predict", {"instances": IMAGE}, 400, "Malformed request"),
 ])
 def test_refusals_have_tf_serving_status_codes_and_an_error(server, path, body, status, message):
     code, reply = call(f"{server}/v1/models/{path}", body)

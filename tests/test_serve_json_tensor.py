@@ -322,3 +322,81 @@ def test_tensors_deeper_than_the_rank_limit_are_refused_differs():
     refused(f'{{"inputs": {deep}}}', {"x": "int32"}, f"at most {json_tensor.MAX_RANK}")
     ok = "[" * json_tensor.MAX_RANK + "1" + "]" * json_tensor.MAX_RANK
     assert inputs(f'{{"inputs": {ok}}}', {"x": "int32"})[1]["x"].ndim == json_tensor.MAX_RANK
+
+
+# Classify and regress (ClassifyRegressRequestTest and ClassifyRegressnResultTest).
+
+def examples(body: str):
+    return json_tensor.examples_input(json_tensor.parse(body.encode()), LIMIT)
+
+
+def features(example) -> dict:
+    return {name: (feature.WhichOneof("kind"), list(getattr(feature, feature.WhichOneof("kind")).value))
+            for name, feature in example.features.feature.items()}
+
+
+def test_RequestNoContext():
+    request_input = examples("""{"examples": [{"names": ["foo", "bar"], "ratings": [8.0, 9.0], "age": 20},
+                                              {"names": ["baz"], "ratings": 6.0}]}""")
+    first, second = request_input.example_list.examples
+    assert features(first) == {"names": ("bytes_list", [b"foo", b"bar"]), "ratings": ("float_list", [8.0, 9.0]),
+                               "age": ("int64_list", [20])}
+    assert features(second) == {"names": ("bytes_list", [b"baz"]), "ratings": ("float_list", [6.0])}
+
+
+def test_RequestWithContextAndSignature():
+    request = json_tensor.parse(b"""{"signature_name": "custom_signture",
+        "context": {"query": "pizza", "location": ["sfo"]},
+        "examples": [{"names": ["foo", "bar"], "ratings": [8.0, 9.0, NaN, Infinity], "age": 20},
+                     {"names": ["baz", {"b64": "aGVsbG8="}], "ratings": 6.0, "intboolmix": [1, true, false]},
+                     {"names": "bar", "ratings": -Infinity}]}""")
+    assert json_tensor.signature_name(request) == "custom_signture"
+    listed = json_tensor.examples_input(request, LIMIT).example_list_with_context
+    assert features(listed.context) == {"query": ("bytes_list", [b"pizza"]), "location": ("bytes_list", [b"sfo"])}
+    first, second, third = (features(e) for e in listed.examples)
+    assert first["ratings"][1][:2] == [8.0, 9.0] and math.isnan(first["ratings"][1][2]) and \
+        first["ratings"][1][3] == math.inf
+    assert second == {"names": ("bytes_list", [b"baz", b"hello"]), "ratings": ("float_list", [6.0]),
+                      "intboolmix": ("int64_list", [1, 1, 0])}
+    assert third == {"names": ("bytes_list", [b"bar"]), "ratings": ("float_list", [-math.inf])}
+
+
+@pytest.mark.parametrize("body, message", [
+    ('{"signature_name": ["hello"], "examples": [{"names": ["foo", "bar"]}]}', "'signature_name' key must be a string"),
+    ('{"context": [{"names": ["foo", "bar"]}]}', "Example must be JSON object"),
+    ('{"examples": {"names": ["foo", "bar"]}}', "list/array"),
+    ('{"examples": [[{"names": ["foo", "bar"]}]]}', "Example must be JSON object"),
+    ('{"examples": [{"names": [10, null]}]}', "names has element with unexpected JSON type: Null"),
+    ('{"examples": [{"names": [10, 10.0]}]}', "feature: names expecting type: int64"),
+    ('{"examples": [{"names": [10, {"test": 10}]}]}', "names has element with unexpected JSON type: Object"),
+    ('{"examples": [{"names": [[10], 20]}]}', "names has element with unexpected JSON type: Array"),
+    ('{"examples": [{"names": [20, 18446744073709551603]}]}', "Only int64_t is supported"),
+])
+def test_JsonErrors(body, message):
+    with pytest.raises(ServingError) as error:
+        request = json_tensor.parse(body.encode())
+        json_tensor.signature_name(request)
+        json_tensor.examples_input(request, LIMIT)
+    assert error.value.code == "INVALID_ARGUMENT" and message in str(error.value), str(error.value)
+
+
+def test_JsonFromClassificationResult():
+    results = [[("car", 0.2), ("bike", 0.7), ("bus", 0.1)], [("car", 0.7), ("bike", 0.1), ("bus", 0.2)]]
+    assert json.loads(json_tensor.classify_reply(results)) == {"results": [
+        [["car", 0.2], ["bike", 0.7], ["bus", 0.1]], [["car", 0.7], ["bike", 0.1], ["bus", 0.2]]]}
+
+
+def test_JsonFromRegressionResult():
+    assert json.loads(json_tensor.regress_reply([0.2, 0.9, 1.0])) == {"results": [0.2, 0.9, 1.0]}
+
+
+def test_JsonFromRegressionResultWithNonFinite():
+    text = json_tensor.regress_reply([0.2, math.inf, 1.0, -math.inf, math.nan])
+    assert text == '{"results": [0.2,Infinity,1.0,-Infinity,NaN]}'
+
+
+def test_JsonFromResultErrors():
+    with pytest.raises(ServingError, match="empty ClassificationResults"):
+        json_tensor.classify_reply([])
+    with pytest.raises(ServingError, match="empty RegressionResults"):
+        json_tensor.regress_reply([])

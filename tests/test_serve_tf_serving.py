@@ -124,6 +124,21 @@ def test_Predict(server):
         assert (status, reply, headers["Content-Type"]) == (200, expected, "application/json")
 
 
+def test_Regress(server):
+    for path in (":regress", "/versions/123:regress", "/labels/stable:regress"):
+        assert call(f"{server}/v1/models/half_plus_two{path}",
+                    {"signature_name": "regress_x_to_y", "examples": [{"x": 80.0}]}) == (200, {"results": [42.0]})
+
+
+def test_Classify(server):
+    assert call(f"{server}/v1/models/half_plus_two:classify",
+                {"signature_name": "classify_x_to_y", "examples": [{"x": 20.0}]}) == (200, {"results": [[["", 12.0]]]})
+    assert call(f"{server}/v1/models/half_plus_two/labels/stable:classify",
+                {"signature_name": "classify_x_to_y", "examples": [{"x": 10.0}]}) == (200, {"results": [[["", 7.0]]]})
+    status, reply = call(f"{server}/v1/models/half_plus_two:classify", {"examples": [{"x": 10.0}]})
+    assert status == 400 and "method_name to be tensorflow/serving/classify" in reply["error"], reply
+
+
 def test_GetStatus(server):
     """Version 123 lives in the folder `00000123`, as in TF Serving's test data."""
     expected = {"model_version_status": [{"version": "123", "state": "AVAILABLE", "status": OK}]}

@@ -14,13 +14,13 @@ import math
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, input_pb2, model_pb2,
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, model_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
                                      regression_pb2)
 
 from kerasbig.serving.errors import ServingError, invalid, too_large
 from kerasbig.serving.json_tensor import MAX_RANK
-from kerasbig.serving.repository import DEFAULT_SIGNATURE, Repository, Servable
+from kerasbig.serving.repository import DEFAULT_SIGNATURE, Repository, Servable, serialized_examples
 from kerasbig.serving.rest import Limits
 
 
@@ -61,18 +61,6 @@ def to_array(proto: tf.compat.v1.TensorProto, max_elements: int) -> np.ndarray:
     except (TypeError, ValueError) as e:
         raise invalid(f"Cannot read a TensorProto: {e}") from e
     return array.astype(object) if array.dtype.kind == "S" else array
-
-
-def serialized_examples(request_input: input_pb2.Input) -> list[bytes]:
-    """The tf.Examples of a Classify or Regress input, each merged with the context when there is one."""
-    kind = request_input.WhichOneof("kind")
-    if kind == "example_list":
-        return [e.SerializeToString() for e in request_input.example_list.examples]
-    if kind == "example_list_with_context":
-        listed = request_input.example_list_with_context
-        context = listed.context.SerializeToString()
-        return [context + e.SerializeToString() for e in listed.examples]  # concatenated protos merge
-    raise invalid("Input is empty")
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):

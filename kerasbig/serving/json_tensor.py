@@ -19,6 +19,8 @@ import math
 from typing import Any
 
 import numpy as np
+from tensorflow.core.example import example_pb2, feature_pb2
+from tensorflow_serving.apis import input_pb2
 
 from kerasbig.serving.errors import ServingError, invalid, too_large
 
@@ -248,6 +250,80 @@ def _from_inputs(inputs: Any, dtypes: dict[str, str], budget: _Budget) -> dict[s
     if missing:
         raise invalid(f"Missing named input: {missing[0]} in 'inputs' object.")
     return {name: _tensor(inputs[name], dtype, budget) for name, dtype in dtypes.items()}
+
+
+# Classify and regress requests: JSON objects as tf.Examples (FillClassifyRegressRequestFromJson).
+
+def _feature_kind_error(name: str, feature: feature_pb2.Feature) -> ServingError:
+    kind = {"bytes_list": "bytes", "float_list": "float", "int64_list": "int64"}[feature.WhichOneof("kind")]
+    return invalid(f"Unexpected element type in feature: {name} expecting type: {kind}")
+
+
+def _add_to_feature(value: Any, name: str, feature: feature_pb2.Feature) -> None:
+    """TF Serving's AddValueToFeature: the first value decides the list kind; bools are int64s."""
+    if isinstance(value, str) or _is_b64(value):
+        kind, item = "bytes_list", _string(value)
+    elif isinstance(value, bool) or (isinstance(value, int) and value <= _INT_RANGES["int64"][1]):
+        kind, item = "int64_list", int(value)
+    elif isinstance(value, int) and value <= _INT_RANGES["uint64"][1]:
+        raise invalid(f"Feature: {name} has uint64_t element. Only int64_t is supported.")
+    elif isinstance(value, (int, float)):
+        kind, item = "float_list", float(value)
+    else:
+        raise invalid(f"Feature: {name} has element with unexpected JSON type: {_json_type(value)}")
+    if feature.WhichOneof("kind") not in (None, kind):
+        raise _feature_kind_error(name, feature)
+    getattr(feature, kind).value.append(item)
+
+
+def _example(value: Any, example: example_pb2.Example, budget: _Budget) -> None:
+    if not isinstance(value, dict):
+        raise invalid(f"Example must be JSON object but got JSON {_json_type(value)}")
+    for name, content in value.items():
+        items = content if isinstance(content, list) else [content]
+        budget.take([len(items)])
+        feature = example.features.feature[name]
+        for item in items:
+            _add_to_feature(item, name, feature)
+
+
+def examples_input(request: dict, max_elements: int) -> input_pb2.Input:
+    """The Input (tf.Examples, with their `context`) of a classify or regress request."""
+    budget = _Budget(max_elements)
+    request_input = input_pb2.Input()
+    if "context" in request:
+        _example(request["context"], request_input.example_list_with_context.context, budget)
+    listed = request_input.example_list_with_context if "context" in request else request_input.example_list
+    examples = request.get("examples")
+    if examples is None:
+        raise invalid(f"JSON Value: {_debug(request)} When method is classify, key 'examples' is expected and was "
+                      "not found")
+    if not isinstance(examples, list):
+        raise invalid(f"JSON Value: {_debug(request)} Expecting 'examples' value to be an list/array")
+    if not examples:
+        raise invalid(f"JSON Value: {_debug(request)} 'examples' value is an empty array")
+    for value in examples:
+        _example(value, listed.examples.add(), budget)
+    return request_input
+
+
+def classify_reply(results: list[list[tuple[str, float]]]) -> str:
+    """`{"results": [[[label, score], ...], ...]}` (MakeJsonFromClassificationResult)."""
+    if not results:
+        raise invalid("Cannot convert empty ClassificationResults to JSON")
+    rows = []
+    for classes in results:
+        scores = _float_tokens(np.array([score for _, score in classes], np.float32)).tolist()
+        rows.append("[" + ", ".join(f"[{json.dumps(label)}, {score}]" for (label, _), score in zip(classes, scores))
+                    + "]")
+    return '{"results": [' + ", ".join(rows) + "]}"
+
+
+def regress_reply(values: list[float]) -> str:
+    """`{"results": [value, ...]}` (MakeJsonFromRegressionResult)."""
+    if not values:
+        raise invalid("Cannot convert empty RegressionResults to JSON")
+    return '{"results": ' + _text(_float_tokens(np.array(values, np.float32))) + "}"
 
 
 # Replies.

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, status_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, input_pb2, status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from kerasbig import versions
@@ -185,6 +185,18 @@ def _input_tensor(name: str, value: np.ndarray, spec: tf.TensorSpec) -> tf.Tenso
         raise invalid(f"Input '{name}' has shape {list(value.shape)} but the signature takes {expected} "
                       "(-1: any size)")
     return tf.constant(value, spec.dtype)
+
+
+def serialized_examples(request_input: input_pb2.Input) -> list[bytes]:
+    """The tf.Examples of a Classify or Regress input, each merged with the context when there is one."""
+    kind = request_input.WhichOneof("kind")
+    if kind == "example_list":
+        return [e.SerializeToString() for e in request_input.example_list.examples]
+    if kind == "example_list_with_context":
+        listed = request_input.example_list_with_context
+        context = listed.context.SerializeToString()
+        return [context + e.SerializeToString() for e in listed.examples]  # concatenated protos merge
+    raise invalid("Input is empty")
 
 
 def _to_numpy(tensor: tf.Tensor) -> np.ndarray:

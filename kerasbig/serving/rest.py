@@ -23,7 +23,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 
 from kerasbig.serving import json_tensor
 from kerasbig.serving.errors import ServingError, invalid, not_found, too_large
-from kerasbig.serving.repository import Repository
+from kerasbig.serving.repository import Repository, serialized_examples
 
 # TF Serving's URL grammar (model_servers/http_rest_api_util.cc), case-insensitive as there; [0-9], not \d.
 _VERSION_OR_LABEL = r"(?:/versions/([0-9]+)|/labels/([^/:]+))?"
@@ -96,9 +96,10 @@ class RestApi:
         name = _decode(name) if name else ""
         version, label = _version(version_text), None if label is None else _decode(label)
         if method == "POST":
-            if verb != "predict":  # the regex is case-insensitive; TF Serving's dispatch is not
+            if verb not in ("predict", "classify", "regress"):  # the regex ignores case; TF Serving's dispatch not
                 raise invalid(f"Malformed request: {method} {path[:200]}")
-            return self._predict(name, version, label, body)
+            return self._predict(name, version, label, body) if verb == "predict" else \
+                self._on_examples(verb, name, version, label, body)
         if not name:
             raise invalid("Missing model name in request.")
         if verb == "metadata":  # TF Serving prints the Any's SignatureDefMap itself, without a @type
@@ -116,6 +117,16 @@ class RestApi:
         request_format, inputs = json_tensor.predict_inputs(request, servable.input_dtypes(signature),
                                                             self.max_request_elements)
         return json_tensor.predict_reply(servable.run(signature, inputs), request_format)
+
+    def _on_examples(self, verb: str, name: str, version: int | None, label: str | None, body: bytes) -> str:
+        """`:classify` and `:regress`: JSON examples as tf.Examples through a classify or regress signature."""
+        request = json_tensor.parse(body)
+        signature = json_tensor.signature_name(request)
+        examples = serialized_examples(json_tensor.examples_input(request, self.max_request_elements))
+        servable = self.repository.servable(name, version, label)
+        if verb == "classify":
+            return json_tensor.classify_reply(servable.classify(signature, examples))
+        return json_tensor.regress_reply(servable.regress(signature, examples))
 
 
 def _error_text(message: str) -> str:
