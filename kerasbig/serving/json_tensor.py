@@ -198,12 +198,17 @@ def predict_inputs(request: dict, dtypes: dict[str, str], max_elements: int) -> 
 
 
 def _from_instances(instances: list, dtypes: dict[str, str], budget: _Budget) -> dict[str, np.ndarray]:
-    """TF Serving's FillTensorMapFromInstancesList: instances stacked along a new batch axis, per input."""
+    """TF Serving's FillTensorMapFromInstancesList: instances stacked along a new batch axis, per input. The
+    values of all instances are gathered into one list per input and converted once."""
     if not isinstance(instances[0], dict) and len(dtypes) > 1:
         raise invalid("instances is a plain list, but expecting list of objects as multiple input tensors "
                       "required as per tensorinfo_map")
     named = _is_object(instances[0])
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in dtypes}
+    if not named and not any(isinstance(v, (list, dict)) for v in instances):  # scalars: no walk needed
+        budget.take([len(instances)])
+        name = next(iter(dtypes))
+        return {name: _array(instances, [len(instances)], dtypes[name])}
+    columns = {name: _Column() for name in dtypes}
     for index, instance in enumerate(instances):
         if named != _is_object(instance):
             got = "object but got list" if named else "value/list but got object"
@@ -214,27 +219,38 @@ def _from_instances(instances: list, dtypes: dict[str, str], budget: _Budget) ->
                 raise invalid(f"Failed to process element: {index} key: {name} of 'instances' list. Error: "
                               f"INVALID_ARGUMENT: JSON object: does not have named input: {name}")
             try:
-                columns[name].append(_instance_item(value, dtypes[name], columns[name], budget))
+                columns[name].add(value, budget)
             except ServingError as e:
                 raise ServingError(e.code, f"Failed to process element: {index} of 'instances' list. "
                                            f"Error: {e}", e.http_status) from e
         if named and set(instance) != set(dtypes):
             raise invalid(f"Failed to process element: {index} of 'instances' list. JSON object: "
                           f"{_debug(instance)} keys must be equal to: {','.join(sorted(dtypes))}")
-    return {name: np.stack(arrays) for name, arrays in columns.items()}
+    return {name: _array(column.leaves, [len(instances), *column.shape], dtypes[name])
+            for name, column in columns.items()}
 
 
-def _instance_item(value: Any, dtype: str, earlier: list[np.ndarray], budget: _Budget) -> np.ndarray:
-    """One input of one instance, which must have the size and shape of the same input of the first instance."""
-    array = _tensor(value, dtype, budget)
-    if earlier and array.size != earlier[0].size:
-        raise invalid(f"Expecting tensor size: {earlier[0].size} but got: {array.size}")
-    if earlier and array.shape != earlier[0].shape:
-        raise invalid(f"Expecting shape {_shape_text(earlier[0].shape)} but got: {_shape_text(array.shape)}")
-    return array
+class _Column:
+    """The values of one input over the instances, which must all have the first instance's shape."""
+
+    def __init__(self):
+        self.shape: list[int] | None = None
+        self.leaves: list = []
+
+    def add(self, value: Any, budget: _Budget) -> None:
+        shape = _shape(value)
+        budget.take(shape)
+        count = len(self.leaves)
+        _leaves(value, shape, 0, self.leaves)
+        if self.shape is None:
+            self.shape = shape
+        elif math.prod(shape) != math.prod(self.shape):
+            raise invalid(f"Expecting tensor size: {math.prod(self.shape)} but got: {len(self.leaves) - count}")
+        elif shape != self.shape:
+            raise invalid(f"Expecting shape {_shape_text(self.shape)} but got: {_shape_text(shape)}")
 
 
-def _shape_text(shape: tuple[int, ...]) -> str:
+def _shape_text(shape: list[int]) -> str:
     return "[" + ",".join(map(str, shape)) + "]"
 
 

@@ -1,8 +1,9 @@
 """TF Serving's REST API over a `Repository`, on a small asyncio HTTP/1.1 server with limits.
 
 One event loop reads every connection, so slow clients cost a socket, not a thread: the headers and body of
-a request must arrive within `read_timeout` seconds, and a body is read only while the bodies being held
-stay under `max_buffered_bytes`. Complete requests run on a pool of `num_threads` workers; past
+a request must arrive within `read_timeout` seconds, and a large body (over 1/16 of `max_request_bytes`) is
+read only while the bodies being held stay under `max_buffered_bytes`; small ones always are, so ordinary
+requests go on while large ones wait their turn. Complete requests run on a pool of `num_threads` workers; past
 `max_in_flight` requests waiting or running, or `max_connections` open connections, the reply is 503.
 Every reply, errors included, is JSON (`{"error": ...}` with TF Serving's status code).
 """
@@ -46,7 +47,7 @@ class Limits:
 
     @property
     def max_buffered_bytes(self) -> int:
-        return 4 * self.max_request_bytes
+        return 2 * self.max_request_bytes  # a maximal body costs ~20x its size while parsed: 2 at once < 1 GB
 
 
 def _decode(part: str) -> str:
@@ -241,7 +242,7 @@ class HttpServer:
         if length > self.limits.max_request_bytes:
             return too_large(f"The request body has {length} bytes; this server takes at most "
                              f"{self.limits.max_request_bytes} (--max_request_bytes)")
-        if length and self._buffered + length > self.limits.max_buffered_bytes:
+        if length > self.limits.max_request_bytes // 16 and self._buffered + length > self.limits.max_buffered_bytes:
             return ServingError("UNAVAILABLE", "The server is holding too many large request bodies; retry later")
         return None
 
