@@ -1,31 +1,38 @@
 """Version folders of a model, parsed the way TF Serving parses them: `<model base>/<N>/`.
 
-TF Serving reads a folder name as a version when it is a non-negative integer (leading zeros allowed, so
-`00000123` is version 123) and ignores every other name, such as kerasbig's `.tmp-*` exports in progress.
+TF Serving's file-system source reads every child of a model's base path whose name `absl::SimpleAtoi` takes
+as an int64 (`ParseVersionNumber` in file_system_storage_path_source.cc): ASCII digits with an optional sign
+and surrounding ASCII whitespace, so `00000123` is version 123 and ` 7 ` is 7. Every other name is ignored,
+such as kerasbig's `.tmp-*` exports in progress.
 
->>> [parse("7"), parse("00000123"), parse(".tmp-3"), parse("-1"), parse("1.5")]
-[7, 123, None, None, None]
+>>> [parse("7"), parse("00000123"), parse("+5"), parse(".tmp-3"), parse("1.5"), parse("0x10"), parse("9" * 20)]
+[7, 123, 5, None, None, None, None]
 """
 from __future__ import annotations
 
 import pathlib
+import re
 
-INT64_MAX = 2 ** 63 - 1
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+# absl's ascii_isspace: space, \t, \n, \v, \f, \r; [0-9] rather than \d, which would take any Unicode digit.
+_VERSION = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)[ \t\n\v\f\r]*")
 
 
 def parse(name: str) -> int | None:
-    """The version a folder name stands for, or None if TF Serving would not read it as one."""
-    if not (name.isascii() and name.isdigit()):
+    """The version a child's name stands for, or None if TF Serving would not read it as one."""
+    match = _VERSION.fullmatch(name)
+    if not match:
         return None
-    version = int(name)
-    return version if version <= INT64_MAX else None
+    version = int(match[1])
+    return version if INT64_MIN <= version <= INT64_MAX else None
 
 
 def folders(base: pathlib.Path) -> dict[int, pathlib.Path]:
-    """{version: folder} of the version folders under `base`, oldest first; {} when `base` is not a folder.
-    Where two names stand for one version (`1` and `001`), the first in name order is kept."""
+    """{version: path} of the children of `base` that TF Serving reads as versions, oldest first; {} when `base`
+    is not a folder. Files count as TF Serving lists them too (it then fails to load them). Where two names stand
+    for one version (`1` and `001`), TF Serving keeps one in listing order; this keeps the first in name order."""
     try:
-        entries = sorted(p for p in base.iterdir() if p.is_dir())
+        entries = sorted(base.iterdir())
     except OSError:
         return {}
     found: dict[int, pathlib.Path] = {}

@@ -44,6 +44,7 @@ model_config_list {
   }
 }
 """
+POLL_SECONDS = 0.2
 OK_STATUS = {"state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
 
 
@@ -107,12 +108,22 @@ def command(module: str, *flags: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_server(base: Path, log_path: Path, *flags: str):
-    """Starts `kerasbig.serve`, yields its URL once it says it is ready, and always stops it."""
+def running_server(base: Path | None, log_path: Path, *flags: str):
+    """Starts `kerasbig.serve` (on `--model_base_path=base` unless None), yields its URL once it says it is
+    ready, and always stops it."""
+    with server_process(base, log_path, *flags) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def server_process(base: Path | None, log_path: Path, *flags: str):
+    """`running_server`, yielding (URL, the server's Popen)."""
     port = free_port()
     with log_path.open("w") as log:  # a file, not a pipe: a pipe nobody reads would block the server
-        process = subprocess.Popen(command("serve", f"--model_base_path={base}", f"--rest_api_port={port}",
-                                           f"--max_request_bytes={MAX_REQUEST_BYTES}", *flags),
+        models = [] if base is None else [f"--model_base_path={base}"]
+        process = subprocess.Popen(command("serve", *models, f"--rest_api_port={port}",
+                                           f"--max_request_bytes={MAX_REQUEST_BYTES}",
+                                           f"--file_system_poll_wait_seconds={POLL_SECONDS}", *flags),
                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -120,7 +131,7 @@ def running_server(base: Path, log_path: Path, *flags: str):
         while f"at {url}/v1/models/" not in log_path.read_text():
             assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.1)
-        yield url
+        yield url, process
     finally:
         stop(process)
 
@@ -129,6 +140,14 @@ def running_server(base: Path, log_path: Path, *flags: str):
 def server(base_path, tmp_path_factory) -> str:
     with running_server(base_path, tmp_path_factory.mktemp("server") / "server.log") as url:
         yield url
+
+
+def until(condition, timeout: float = 30):
+    """Waits for `condition()` to hold, as the server polls its folders; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS / 2)
+    return value
 
 
 def call(url: str, body=None) -> tuple[int, dict]:
@@ -163,8 +182,9 @@ def assert_digits_rows(predictions: list[dict], expected: dict[str, np.ndarray])
 
 
 def test_status_lists_every_version_and_ignores_exports_in_progress(server):
+    # newest first, as TF Serving lists versions (its ServableStateMonitor keeps them in descending order)
     assert call(f"{server}/v1/models/digits") == (
-        200, {"model_version_status": [{"version": "1", **OK_STATUS}, {"version": "2", **OK_STATUS}]})
+        200, {"model_version_status": [{"version": "2", **OK_STATUS}, {"version": "1", **OK_STATUS}]})
     assert call(f"{server}/v1/models/digits/versions/2") == (
         200, {"model_version_status": [{"version": "2", **OK_STATUS}]})
     assert call(f"{server}/v1/models/digits/labels/stable") == (
@@ -238,9 +258,11 @@ def test_int_tokens_of_any_length(server, base_path):
 def test_a_new_version_is_served_without_a_restart(server, base_path):
     model = base_path / "growing"
     export_digits(model / ".tmp-export", seed=3)
-    assert [s["version"] for s in call(f"{server}/v1/models/growing")[1]["model_version_status"]] == ["1", "2"]
+    assert [s["version"] for s in call(f"{server}/v1/models/growing")[1]["model_version_status"]] == ["2", "1"]
     (model / ".tmp-export").rename(model / "3")  # what kerasbig's exporter does once a version is complete
-    assert [s["version"] for s in call(f"{server}/v1/models/growing")[1]["model_version_status"]] == ["1", "2", "3"]
+    # TF Serving notices new versions at its next look at the folder (--file_system_poll_wait_seconds)
+    assert until(lambda: [s["version"] for s in call(f"{server}/v1/models/growing")[1]["model_version_status"]]
+                 == ["3", "2", "1"])
     batch = images(2, seed=2)
     status, reply = call(f"{server}/v1/models/growing:predict", {"instances": batch.tolist()})
     assert status == 200
@@ -252,20 +274,25 @@ IMAGE = images(1).tolist()
 
 @pytest.mark.parametrize("path, body, status, message", [
     ("digits:predict", b'{"instances": [', 400, "JSON Parse error"),
-    ("digits:predict", {"instances": IMAGE, "inputs": IMAGE}, 400, "either 'instances'"),
-    ("digits:predict", {"instances": [{"pixels": IMAGE[0]}]}, 400, "the signature's inputs are ['image']"),
-    ("digits:predict", {"inputs": {"pixels": IMAGE}}, 400, "the signature's inputs are ['image']"),
+    # TF Serving's own messages (util/json_tensor.cc); an unknown key of 'inputs' is ignored, so the refusal
+    # names the missing input
+    ("digits:predict", {"instances": IMAGE, "inputs": IMAGE}, 400, "expecting only one of 'inputs' or 'instances'"),
+    ("digits:predict", {"instances": [{"pixels": IMAGE[0]}]}, 400, "does not have named input: pixels"),
+    ("digits:predict", {"inputs": {"pixels": IMAGE}}, 400, "Missing named input: image in 'inputs' object"),
     ("digits:predict", {"instances": [[1.0, 2.0]]}, 400, "shape [1, 2] but the signature takes [-1, 8, 8]"),
-    ("digits:predict", {"instances": [[["a"] * 8] * 8]}, 400, "not a float32 tensor"),
+    ("digits:predict", {"instances": [[["a"] * 8] * 8]}, 400, "is not of expected type: float"),
     ("digits:predict", {"signature_name": "nope", "instances": IMAGE}, 400, '"nope" not found'),
     ("tokens:predict", {"inputs": [[1, 99]]}, 400, "99 is not in [0, 16)"),
     ("nope:predict", {"instances": IMAGE}, 404, "Servable not found for request: Latest(nope)"),
     ("digits/versions/9:predict", {"instances": IMAGE}, 404, "Specific(digits, 9)"),
-    ("digits/labels/canary:predict", {"instances": IMAGE}, 404, "label: canary"),
+    # TF Serving answers an unknown label with INVALID_ARGUMENT, so 400 (http_rest_api_handler_test.cc)
+    ("digits/labels/canary:predict", {"instances": IMAGE}, 400, "Unrecognized servable version label: canary"),
     ("nope", None, 404, "Could not find any versions of model nope"),
     ("digits/versions/9/metadata", None, 404, "Specific(digits, 9)"),
     ("..", None, 404, "versions of model .."),
-    ("digits:classify", {"examples": []}, 400, "Malformed request"),
+    ("digits:classify", {"examples": []}, 400, "'examples' value is an empty array"),
+    ("digits:classify", {"examples": [{"x": 1.0}]}, 400, "method_name to be tensorflow/serving/classify"),
+    ("digits:Predict", {"instances": IMAGE}, 400, "Malformed request"),
 ])
 def test_refusals_have_tf_serving_status_codes_and_an_error(server, path, body, status, message):
     code, reply = call(f"{server}/v1/models/{path}", body)
@@ -369,3 +396,15 @@ def test_predict_shows_the_servers_error(server):
     assert url == f"{server}/v1/models/digits/versions/2:predict"
     with pytest.raises(RunError, match=re.escape("HTTP 400: Input 'image' has shape [1, 3]")):
         predict.post_json(url, {"instances": [[1, 2, 3]]}, timeout=30)
+
+
+def test_serve_and_predict_import_into_one_process(base_path, server):
+    """Neither module defines absl flags at import (both have --model_name); their functions take arguments."""
+    import kerasbig.serve
+    from absl import flags
+    assert "model_name" not in flags.FLAGS and "rest_api_port" not in flags.FLAGS
+    configs = kerasbig.serve.model_configs(base_path, "text", None)()
+    assert [(c.name, c.base_path) for c in configs] == [("text", base_path / "text")]
+    batch = images(1, seed=7)
+    rows = predict.predict(server, "digits", {"instances": batch.tolist()}, version=1)
+    assert_digits_rows(rows, direct(base_path, "digits", 1, image=batch))
