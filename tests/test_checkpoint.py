@@ -11,8 +11,8 @@ from kerasbig.errors import first_line
 def test_version_folders_are_parsed_as_tf_serving_parses_them(tmp_path):
     for name in ("1", "00000123", "7", ".tmp-200", "²", "١٢", "-4", "3.5", "latest"):
         (tmp_path / name).mkdir()
-    (tmp_path / "99").write_text("a file is not a version")
-    assert list(versions.folders(tmp_path)) == [1, 7, 123]
+    (tmp_path / "99").write_text("TF Serving lists files too (and fails to load them)")
+    assert list(versions.folders(tmp_path)) == [-4, 1, 7, 99, 123]  # absl::SimpleAtoi takes a sign
     assert versions.folders(tmp_path)[123].name == "00000123"
     assert export.next_version(tmp_path) == 124
     assert versions.folders(tmp_path / "missing") == {}
