@@ -182,10 +182,6 @@ def check_batch(config: ml_collections.ConfigDict, *, splits: dict[str, int], re
         if size % replicas:
             raise UsageError(f"config.{name}={size} is not divisible by the {replicas} replicas; "
                              f"use a multiple of {replicas}")
-    largest_eval_split = max(splits.get("validation", 0), splits.get("test", 0))
-    if config.data.eval_batch_size > max(largest_eval_split, replicas):
-        raise UsageError(f"config.data.eval_batch_size={config.data.eval_batch_size} is larger than the largest "
-                         f"evaluation split ({largest_eval_split} examples); use at most that")
     micro = batch // replicas
     if micro % config.optimizer.accumulation_steps:
         raise UsageError(f"per-replica batch {micro} is not divisible by config.optimizer.accumulation_steps="

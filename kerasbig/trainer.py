@@ -181,9 +181,12 @@ class Trainer:
     def _eval_input(self, split: str) -> tf.distribute.DistributedDataset:
         """The distributed batches of `split`, built once and iterated at every evaluation."""
         if split not in self._eval_inputs:
+            # No larger than the split (rounded up to the replicas): the last batch is padded to full size.
+            replicas = self.strategy.num_replicas_in_sync
+            batch = min(self.config.data.eval_batch_size, -(-self.task.num_examples[split] // replicas) * replicas)
+
             def dataset_fn(context):
-                return pipeline.eval_batches(self.task, split, global_batch=self.config.data.eval_batch_size,
-                                             context=context)
+                return pipeline.eval_batches(self.task, split, global_batch=batch, context=context)
             self._eval_inputs[split] = self.strategy.distribute_datasets_from_function(dataset_fn)
         return self._eval_inputs[split]
 

@@ -27,7 +27,6 @@ BAD_INPUTS = [
     (["--config.optimizer.weight_decay=-0.1"], "config.optimizer.weight_decay=-0.1 must be >= 0"),
     (["--config.optimizer.clip_norm=nan"], "config.optimizer.clip_norm=nan must be >= 0"),
     (["--config.train.checkpoint_every_steps=-5"], "config.train.checkpoint_every_steps=-5 must be >= 0"),
-    (["--config.data.eval_batch_size=100000000"], "eval_batch_size=100000000 is larger than the largest"),
     (["--config.data.test_fraction=0.0"], "config.data.test_fraction=0.0 must be in (0, 1)"),
     (["--config.data.test_fraction=1.0"], "config.data.test_fraction=1.0 must be in (0, 1)"),
     (["--seed=-1"], "--seed=-1 must be in [0, 4294967296)"),

@@ -126,3 +126,14 @@ def test_validation_calls_the_test_hooks_as_fit_does(tmp_path):
     trainer(config, tmp_path).fit([hooks], verbose=False)
     one_pass = ["begin", "batch 0", "end", "batch 1", "end", "batch 2", "end", "done ['accuracy', 'loss']"]
     assert calls == one_pass * 2
+
+
+def test_an_evaluation_batch_larger_than_the_split_evaluates_it_once(tmp_path):
+    """The last evaluation batch is padded to full size, so a huge eval batch would allocate its padding: it
+    is cut to the split instead, and every example still counts once."""
+    config = digits_config(steps=4)
+    config.data.eval_batch_size = 10 ** 8
+    run = trainer(config, tmp_path)
+    run.fit([], verbose=False)
+    sums, labels, _ = run.evaluate("test")
+    assert sums.count == len(labels) == 360
