@@ -33,8 +33,8 @@ def servers(tmp_path_factory):
     export_slow(base / "slow" / "1")
     export_digits(base / "digits" / "1", seed=1)
     (base / "digits" / "1" / "assets.extra").mkdir()
-    export._write_warmup(base / "digits" / "1" / "assets.extra" / "tf_serving_warmup_requests", "digits", "image",
-                         images(3, seed=8))
+    export._write_warmup(base / "digits" / "1" / "assets.extra" / "tf_serving_warmup_requests", "digits",
+                         {"image": images(3, seed=8)})
     (base / "models.config").write_text(
         'model_config_list { config { name: "half_plus_two" base_path: "/models/half_plus_two" '
         'version_labels { key: "stable" value: 123 } } }')
