@@ -1,5 +1,7 @@
 """Picks the tf.distribute strategy behind `--strategy`, and says which worker is the chief.
 
+Multi-worker runs take their cluster from `kerasbig.cluster` (TF_CONFIG, or the tasks of a SLURM step). The
+workers must all start within `cluster.START_TIMEOUT_S`, else each stops with one line naming the missing ones.
 A failed or frozen worker of a multi-worker run stops the others within a bounded time, in two ways:
 - TensorFlow's coordination service (which MultiWorkerMirroredStrategy starts) takes heartbeats from every
   worker; when one dies, freezes or becomes unreachable, the others' collectives are aborted within its
@@ -9,13 +11,12 @@ The trainer turns either into a RunError naming the step (see docs/distributed.m
 """
 from __future__ import annotations
 
-import json
-import os
 import socket
 import urllib.parse
 
 import tensorflow as tf
 
+from kerasbig import cluster
 from kerasbig.errors import RunError, UsageError
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
@@ -31,25 +32,14 @@ def split_cpu(replicas: int) -> None:
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
 
 
-def _cluster() -> dict:
-    try:
-        return json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
-    except json.JSONDecodeError as err:
-        raise UsageError(f"TF_CONFIG is not valid JSON ({err}); see docs/distributed.md") from None
-
-
-def _workers() -> int:
-    cluster = _cluster()
-    return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
-
-
 def resolve(name: str, *, tpu: str = "", num_cpu_replicas: int = 0) -> str:
     """The concrete strategy `auto` means on this machine."""
     if name != "auto":
         return name
     if tpu:
         return "tpu"
-    if _workers() > 1:
+    found = cluster.from_environment()
+    if found and found.size > 1:
         return "multi_worker"
     several_devices = len(tf.config.list_logical_devices("GPU")) > 1 or num_cpu_replicas > 1
     return "mirrored" if several_devices else "one_device"
@@ -67,15 +57,25 @@ def make(name: str, *, tpu: str = "", num_cpu_replicas: int = 0) -> tf.distribut
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
     if name == "multi_worker":
-        if _workers() < 1:
-            raise UsageError("--strategy=multi_worker needs TF_CONFIG naming the cluster's workers and this "
-                             "worker's task, e.g. {\"cluster\": {\"worker\": [\"host1:2222\", \"host2:2222\"]}, "
-                             "\"task\": {\"type\": \"worker\", \"index\": 0}}")
-        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=COLLECTIVE_TIMEOUT_S)
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        return _multi_worker_strategy()
     if name == "tpu":
         return _tpu_strategy(tpu)
     raise UsageError(f"--strategy={name!r} is not one of {list(STRATEGIES)}")
+
+
+def _multi_worker_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
+    """MultiWorkerMirroredStrategy over the cluster of TF_CONFIG or of the SLURM step, once every worker is up
+    (TensorFlow itself would wait an hour or more for a missing one)."""
+    found = cluster.from_environment()
+    if found is None:
+        raise UsageError("--strategy=multi_worker needs the workers started by srun (a SLURM step of several tasks) "
+                         "or TF_CONFIG naming them, e.g. {\"cluster\": {\"worker\": [\"host1:2222\", "
+                         "\"host2:2222\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}")
+    found.wait_for_peers()
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec(found.tasks), task_type=found.task_type, task_id=found.task_index, rpc_layer="grpc")
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=COLLECTIVE_TIMEOUT_S)
+    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
 
 
 def _tpu_strategy(tpu: str) -> tf.distribute.TPUStrategy:

@@ -1,4 +1,10 @@
-"""The two ways kerasbig fails: the user's input (exit 2) or the run itself (exit 1)."""
+"""The two ways kerasbig fails, the user's input (exit 2) or the run itself (exit 1), and the exit code of a run
+that a scheduler preempted."""
+
+# SIGTERM stopped training after a checkpoint: "preempted, rerun the same command to resume". EX_TEMPFAIL of
+# sysexits.h (a temporary failure, retrying may succeed): not 0, so a scheduler does not record a finished job,
+# and apart from 1 and 2, so wrappers can requeue on it alone. Not above 128, where shells report signals.
+PREEMPTED_EXIT_CODE = 75
 
 
 class UsageError(Exception):

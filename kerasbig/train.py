@@ -3,7 +3,7 @@
     python -m kerasbig.train --config=configs/gpt_small.py --config.train.epochs=3 --strategy=mirrored
 
 Exit codes: 0 done; 2 bad flags or config (one line on stderr); 1 failure at run time (one line; --verbose
-for the traceback).
+for the traceback); 75 preempted by SIGTERM after saving a checkpoint (rerun the same command to resume).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from kerasbig import checkpoint, cli, config as config_lib, data, distribute, ev
 from kerasbig.callbacks import (Dashboard, EarlyStopping, LearningRateScheduler, ProfileSteps, Throughput,
                                 WarmupDecay, peak_flops_per_device)
 from kerasbig.data.spec import LANGUAGE_MODEL
-from kerasbig.errors import RunError, UsageError, first_line
+from kerasbig.errors import PREEMPTED_EXIT_CODE, RunError, UsageError, first_line
 from kerasbig.files import hold_workdir, write_atomically
 from kerasbig.models import sizing
 from kerasbig.trainer import Preempted, Trainer
@@ -170,7 +170,7 @@ def run() -> None:
             trainer.fit(callbacks)
         except Preempted as stop:
             print(f"Preempted: saved step {stop.step} to {workdir / 'checkpoints'}; rerun the same command to resume.")
-            return
+            sys.exit(PREEMPTED_EXIT_CODE)
     elif trainer.restore(callbacks) is None:
         raise RunError(f"no checkpoint in {workdir / 'checkpoints'}; train first (--mode=train) or pass the "
                        "--workdir of a trained run")

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, assert_same_weights
+from kerasbig.errors import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 MLP = ["--config=configs/digits_mlp.py", "--config.model.hidden=(16,)", "--mode=train"]
@@ -79,7 +80,7 @@ def preempt(process: subprocess.Popen, output: pathlib.Path, started: callable) 
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=300)
     output = output.read_text()
-    assert process.returncode == 0, output[-3000:]
+    assert process.returncode == PREEMPTED_EXIT_CODE == 75, output[-3000:]
     saved = re.search(r"Preempted: saved step (\d+) to (\S+); rerun the same command to resume\.", output)
     assert saved, output[-3000:]
     return int(saved.group(1)), output
@@ -87,8 +88,8 @@ def preempt(process: subprocess.Popen, output: pathlib.Path, started: callable) 
 
 @pytest.mark.parametrize("steps_per_execution", [1, 8])
 def test_sigterm_saves_and_the_schedule_continues_exactly(tmp_path, steps_per_execution):
-    """SIGTERM saves and exits 0 saying how to resume; the rerun resumes from that step, and every learning
-    rate logged before and after equals the closed-form schedule at its global step."""
+    """SIGTERM saves and exits 75 ("preempted, rerun to resume") saying how; the rerun resumes from that step,
+    and every learning rate logged before and after equals the closed-form schedule at its global step."""
     total, warmup, peak = 20_000, 50, 0.01
     args = [*MLP, "--config.data.batch_size=8", f"--config.train.steps={total}",
             f"--config.schedule.warmup_steps={warmup}", f"--config.optimizer.learning_rate={peak}",
