@@ -17,7 +17,7 @@ import urllib.parse
 import tensorflow as tf
 
 from kerasbig import cluster
-from kerasbig.errors import RunError, UsageError
+from kerasbig.errors import RunError, UsageError, first_line
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 # Longer than any pause between two collectives of a healthy run (a checkpoint write, an evaluation).
@@ -86,8 +86,7 @@ def _tpu_strategy(tpu: str) -> tf.distribute.TPUStrategy:
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, OSError, RuntimeError, tf.errors.OpError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RunError(f"cannot reach TPU {tpu or '(default)'}: {first_line}; check --tpu (a TPU name, 'local' "
+        raise RunError(f"cannot reach TPU {tpu or '(default)'}: {first_line(err)}; check --tpu (a TPU name, 'local' "
                        "on a TPU VM, or grpc://host:8470) and that this machine can reach it") from None
     return tf.distribute.TPUStrategy(resolver)
 

@@ -16,7 +16,7 @@ from absl import logging
 
 from kerasbig.data.spec import CLASSIFICATION, DataSpec, Plan, Task
 from kerasbig.data.text import SPLITS, bytes_to_ids
-from kerasbig.errors import RunError, UsageError
+from kerasbig.errors import RunError, UsageError, first_line
 
 CATALOG = "https://www.tensorflow.org/datasets/catalog"
 
@@ -108,7 +108,7 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     try:
         return tfds.builder(name, data_dir=data_dir)
     except (ValueError, AssertionError) as error:  # unknown name, config or version
-        reason = str(error).strip().splitlines()[0]
+        reason = first_line(error)
         raise UsageError(f"data.name={name!r} is not a TFDS dataset here ({reason}); names are listed by "
                          f"tfds.list_builders() and at {CATALOG}") from None
 
