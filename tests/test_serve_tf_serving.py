@@ -103,6 +103,8 @@ def test_PredictModelNameVersionErrors(server):
     (":predict", b'{ "instances": ["x", "y"] }', "not of expected type: float"),
     ("/labels/nonexistent:predict", b'{ "instances": ["x", "y"] }', "Unrecognized servable version label"),
     (":predict", b'{ "signature_name": 100 }', "'signature_name' key must be a string value."),
+    (":predict", b'{ "signature_name": null, "instances": [1.0] }', "'signature_name' key must be a string value."),
+    (":predict", b'{ "instances": [true] }', "Type: True is not of expected type: float"),
 ])
 def test_PredictRequestErrors(server, path, body, message):
     status, reply = call(f"{server}/v1/models/half_plus_two{path}", body)

@@ -5,4 +5,5 @@
 - `repository`: the models and versions on disk, loaded by a poller, with each version's load result.
 - `rest`: an asyncio HTTP front end (read timeouts, a bounded worker pool, 503 when full).
 - `grpc_api`: TF Serving's PredictionService and ModelService.
+- `bench`: `python -m kerasbig.serving.bench`, REST and gRPC speed and a bounded attack (docs/benchmark.md).
 """

@@ -102,7 +102,7 @@ def _leaves(value: Any, shape: list[int], level: int, out: list) -> None:
         raise invalid(f"Encountered list at unexpected size: {len(value)} at level: {level} "
                       f"expected size: {shape[level]}")
     if level == len(shape) - 1:
-        if any(isinstance(v, list) for v in value):
+        if list in map(type, value):  # C-speed scan of the innermost lists, which hold nearly all values
             raise invalid(f"Encountered list at unexpected level: {level + 1} expected < {len(shape)}")
         out.extend(value)
     else:
@@ -120,21 +120,19 @@ def _array(values: list, shape: list[int], dtype: str) -> np.ndarray:
     if dtype == "string":
         return np.array([_string(v) for v in values], dtype=object).reshape(shape)
     if dtype in ("float32", "float64"):
-        allowed = (int, float)
+        allowed = {int, float}
     elif dtype == "bool":
-        allowed = (bool,)
+        allowed = {bool}
     elif dtype in _INT_RANGES:
-        allowed = (int,)
+        allowed = {int}
     else:
         raise ServingError("UNIMPLEMENTED", f"Conversion of JSON Value: {_debug(values[:1])} to type: {dtype}")
-    for value in values:
-        if type(value) not in allowed:  # `type`, not isinstance: True is an int to Python, not to JSON
-            raise _type_error(value, dtype)
-    if dtype in _INT_RANGES:
+    if not set(map(type, values)) <= allowed:  # `type`, not isinstance: True is an int to Python, not to JSON
+        raise _type_error(next(v for v in values if type(v) not in allowed), dtype)
+    if dtype in _INT_RANGES and values:
         low, high = _INT_RANGES[dtype]
-        for value in values:
-            if not low <= value <= high:
-                raise _type_error(value, dtype)
+        if min(values) < low or max(values) > high:
+            raise _type_error(next(v for v in values if not low <= v <= high), dtype)
     try:
         with np.errstate(over="ignore"):  # TF Serving: a double past float32's range becomes +-inf
             return np.array(values, dtype=np.float64 if dtype == "float32" else dtype).astype(dtype).reshape(shape)
@@ -204,7 +202,7 @@ def _from_instances(instances: list, dtypes: dict[str, str], budget: _Budget) ->
         raise invalid("instances is a plain list, but expecting list of objects as multiple input tensors "
                       "required as per tensorinfo_map")
     named = _is_object(instances[0])
-    if not named and not any(isinstance(v, (list, dict)) for v in instances):  # scalars: no walk needed
+    if not named and not {list, dict} & set(map(type, instances)):  # scalars: no walk needed
         budget.take([len(instances)])
         name = next(iter(dtypes))
         return {name: _array(instances, [len(instances)], dtypes[name])}
@@ -347,18 +345,25 @@ def regress_reply(values: list[float]) -> str:
 def _float_tokens(array: np.ndarray) -> np.ndarray:
     """TF Serving's WriteDecimal: "%g" when it reads back as the same value, else max_digits10 digits; a whole
     number gets ".0"; NaN and infinities as the tokens `NaN`, `Infinity`, `-Infinity`."""
-    digits = 9 if array.dtype == np.float32 else 17
-    wide = array.astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        short = np.char.mod("%g", wide)
-        exact = short.astype(np.float64).astype(array.dtype) == array
-    tokens = np.where(exact, short, np.char.mod(f"%.{digits}g", wide)).astype(object)
-    whole = np.char.find(tokens.astype(str), ".") + np.char.find(tokens.astype(str), "e") == -2
-    tokens[whole & np.isfinite(array)] += ".0"
-    tokens[np.isnan(array)] = "NaN"
-    tokens[np.isposinf(array)] = "Infinity"
-    tokens[np.isneginf(array)] = "-Infinity"
-    return tokens
+    values = array.ravel()
+    wide = values.astype(np.float64).tolist()
+    short = ["%g" % v for v in wide]
+    with np.errstate(invalid="ignore", over="ignore"):
+        exact = (np.array(short, dtype=np.float64).astype(array.dtype) == values).tolist()
+    digits = "%.9g" if array.dtype == np.float32 else "%.17g"
+    tokens = [_special(v) or _decimal(s if ok else digits % v) for s, ok, v in zip(short, exact, wide)]
+    return np.array(tokens, dtype=object).reshape(array.shape)
+
+
+def _special(value: float) -> str | None:
+    if value != value:
+        return "NaN"
+    return {math.inf: "Infinity", -math.inf: "-Infinity"}.get(value)
+
+
+def _decimal(text: str) -> str:
+    """A whole number gets ".0", so that a list of floats never reads as integers."""
+    return text if "." in text or "e" in text else text + ".0"
 
 
 def _tokens(name: str, array: np.ndarray) -> np.ndarray:

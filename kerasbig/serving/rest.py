@@ -82,10 +82,10 @@ class RestApi:
         try:
             return HTTPStatus.OK, self._answer(method, target.split("?", 1)[0], body)
         except ServingError as e:
-            return e.http_status, json.dumps({"error": str(e)})
+            return e.http_status, _error_text(str(e))
         except Exception as e:  # a bug: the client still gets JSON, the console the traceback
             self.log(traceback.format_exc())
-            return HTTPStatus.INTERNAL_SERVER_ERROR, json.dumps({"error": f"{type(e).__name__}: {e}"})
+            return HTTPStatus.INTERNAL_SERVER_ERROR, _error_text(f"{type(e).__name__}: {e}")
 
     def _answer(self, method: str, path: str, body: bytes) -> str:
         if not path.lower().startswith("/v1/"):  # outside TF Serving's kPathRegex, (?i)/v1/.*
