@@ -15,12 +15,12 @@ from typing import IO, Iterator
 from kerasbig.errors import RunError
 
 
-def write_atomically(path: pathlib.Path, text: str) -> None:
-    """Writes `text` to a hidden sibling of a unique name, then renames it over `path` (atomic on one
+def write_atomically(path: pathlib.Path, content: str | bytes) -> None:
+    """Writes `content` to a hidden sibling of a unique name, then renames it over `path` (atomic on one
     filesystem), so concurrent writers never share a temporary file."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as tmp:
-        tmp.write(text)
+    with tempfile.NamedTemporaryFile("wb" if isinstance(content, bytes) else "w", dir=path.parent,
+                                     prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
+        tmp.write(content)
     os.replace(tmp.name, path)
 
 

@@ -154,6 +154,8 @@ def run() -> None:
             writable_dir(export_base / export_name, "--export_dir")
         print(f"Config {name}:\n{config}")
         config_lib.save_json(config, workdir / "config.json")
+        if task.tokenizer is not None and task.tokenizer.model:  # the run's own tokenizer, beside its checkpoints
+            write_atomically(workdir / "tokenizer.model", task.tokenizer.model)
     print(f"Strategy {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
           f"model {model.name} with {model.count_params():,} parameters; "
           f"{task.num_examples['train']} training examples")

@@ -2,6 +2,7 @@
 prepare TFDS metadata for mock data."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -47,6 +48,18 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+# The shipped configs that read TFDS datasets, and the dataset each one reads.
+TFDS = {"mnist_cnn": "mnist", "cifar10_resnet": "cifar10", "imdb_transformer": "imdb_reviews"}
+
+
+def load_config(name: str):
+    """The locked config of `configs/<name>.py`."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def latest_checkpoint(workdir: pathlib.Path) -> pathlib.Path:

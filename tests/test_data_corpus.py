@@ -9,23 +9,12 @@ import pytest
 import tensorflow as tf
 
 from conftest import kerasbig
+from data_helpers import assert_bad_data, assert_core_ops, data_config, post, serving, write_corpus
 from kerasbig import config as config_lib, data
 from kerasbig.data import corpus, text
 from kerasbig.errors import UsageError
-from test_data_images import assert_core_ops, assert_bad_data, data_config, post, serving
 
 SEQ_LEN = 64
-
-
-def write_corpus(root: pathlib.Path, copies: int = 1) -> pathlib.Path:
-    """pydoc's help topics and the json package's sources, one file each (`copies` times over)."""
-    documents = {f"{name}.txt": page for name, page in text.pydoc_topics().items()}
-    documents.update({name.replace("/", "_") + ".txt": source for name, source in text.stdlib_sources(("json",)).items()})
-    root.mkdir(parents=True)
-    for copy in range(copies):
-        for name, document in documents.items():
-            (root / f"{copy}-{name.replace('pydoc/', '')}").write_text(document, encoding="utf-8")
-    return root
 
 
 def corpus_config(root: pathlib.Path, tmp_path: pathlib.Path, **overrides):
@@ -149,6 +138,7 @@ def test_gpt_trains_on_a_bpe_corpus_exports_serves_and_generates_text(docs, tmp_
     assert_core_ops(version)
     task = data.load_task(corpus_config(docs, tmp_path, tokenizer="bpe:1000"))
     assert (version / "assets.extra" / "tokenizer.model").read_bytes() == task.tokenizer.model
+    assert (run / "tokenizer.model").read_bytes() == task.tokenizer.model  # the run keeps its own tokenizer
     tokens = task.tokenizer.encode("The assert statement")[None]
     direct = tf.saved_model.load(str(version)).signatures["serving_default"](tokens=tf.constant(tokens))
     with serving(models) as url:

@@ -1,23 +1,17 @@
 """`images:DIR`: real PNG and JPEG files in class folders, split, decoded, augmented, trained through the command
-line, exported and served with encoded bytes over REST. Also the serving helpers the other test_data_* files use."""
+line, exported and served with encoded bytes over REST."""
 import base64
-import contextlib
 import json
 import pathlib
-import subprocess
-import sys
-import urllib.request
 
-import ml_collections
 import numpy as np
 import pytest
 import sklearn.metrics
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow.python.framework import op_def_registry
 
-from conftest import REPO, kerasbig, stop
-from kerasbig import config as config_lib, data
+from conftest import kerasbig
+from data_helpers import assert_bad_data, assert_core_ops, data_config, post, serving
+from kerasbig import data
 from kerasbig.data import images
 from kerasbig.errors import UsageError
 
@@ -43,56 +37,6 @@ def write_image_folder(root: pathlib.Path, per_class: int, seed: int = 0) -> pat
             encoded = tf.io.encode_png(pixels) if i % 2 else tf.io.encode_jpeg(pixels, quality=95)
             (root / name / f"{i}.{'png' if i % 2 else 'jpg'}").write_bytes(encoded.numpy())
     return root
-
-
-def data_config(name: str, **overrides) -> ml_collections.ConfigDict:
-    config = config_lib.base().data
-    config.name = name
-    config.update(overrides)
-    return config
-
-
-@contextlib.contextmanager
-def serving(base: pathlib.Path):
-    """`kerasbig.serve` over the models under `base`, on a free port; yields its base URL."""
-    server = subprocess.Popen([sys.executable, "-m", "kerasbig.serve", f"--model_base_path={base}",
-                               "--rest_api_port=0"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-    try:
-        url = None
-        while url is None:
-            line = server.stdout.readline()
-            assert line, "the server exited before it was ready"
-            if "http://" in line:
-                url = "http://" + line.split("http://")[1].split("/")[0]
-        yield url
-    finally:
-        stop(server)
-
-
-def post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
-
-
-def assert_core_ops(version: pathlib.Path) -> None:
-    """Every op in the SavedModel's graph is registered by core TensorFlow (no TF Text or custom ops), so the
-    stock TF Serving image loads it."""
-    graph = saved_model_pb2.SavedModel.FromString((version / "saved_model.pb").read_bytes()).meta_graphs[0].graph_def
-    functions = {f.signature.name for f in graph.library.function}
-    ops = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
-    assert ops - functions and not {op for op in ops - functions if op_def_registry.get(op) is None}
-
-
-def assert_bad_data(*args: str, workdir: pathlib.Path, names: str) -> None:
-    """The training command stops with exit 2, one line naming `names`, and writes nothing."""
-    result = kerasbig("train", *args, f"--workdir={workdir}", f"--export_dir={workdir.parent / 'models'}",
-                      check=False)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and names in lines[0], result.stderr[-2000:]
-    assert not workdir.exists() and not (workdir.parent / "models").exists()
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,10 @@
 and user data from file names, without reading the examples."""
 import pytest
 
-from conftest import kerasbig
+from conftest import TFDS, kerasbig, load_config
 from kerasbig import data
 from kerasbig.models import sizing
-from test_data_corpus import write_corpus
-from test_data_images import data_config
-from test_shipped_configs import TFDS, load_config
+from data_helpers import data_config, write_corpus
 
 
 @pytest.mark.parametrize("name", sorted(TFDS))

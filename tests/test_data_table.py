@@ -13,7 +13,7 @@ import tensorflow as tf
 from conftest import kerasbig
 from kerasbig import data
 from kerasbig.errors import UsageError
-from test_data_images import assert_bad_data, data_config, post, serving
+from data_helpers import assert_bad_data, data_config, post, serving
 
 BANDS = ("small", "medium", "large")
 

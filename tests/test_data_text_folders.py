@@ -12,7 +12,7 @@ from conftest import kerasbig
 from kerasbig import data
 from kerasbig.data import text
 from kerasbig.errors import UsageError
-from test_data_images import data_config, post, serving
+from data_helpers import data_config, post, serving
 
 SEQ_LEN = 64
 

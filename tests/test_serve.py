@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import contextlib
 import functools
 import json
 import re
 import shutil
 import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import keras
@@ -28,12 +23,11 @@ import tensorflow as tf
 
 from kerasbig import predict
 from kerasbig.errors import RunError, UsageError
-from conftest import free_port, stop
+from conftest import free_port
+from serving_helpers import export_archive, call, command, export_digits, images, run_all, running_server, until
 
 pytestmark = pytest.mark.slow  # server processes
 
-ROOT = Path(__file__).resolve().parents[1]
-MAX_REQUEST_BYTES = 100_000
 MODELS_CONFIG = """
 model_config_list {
   config {
@@ -44,27 +38,7 @@ model_config_list {
   }
 }
 """
-POLL_SECONDS = 0.2
 OK_STATUS = {"state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
-
-
-def _export(model: keras.Model, fn, spec: tf.TensorSpec, path: Path) -> None:
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serving_default", fn, input_signature=[spec])
-    archive.write_out(str(path), verbose=False)
-
-
-def export_digits(path: Path, seed: int) -> None:
-    """image float32 [None, 8, 8] -> probabilities float32 [None, 10], classes int64 [None]."""
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((8, 8)), keras.layers.Flatten(), keras.layers.Dense(10)])
-
-    def serve(image):
-        probabilities = tf.nn.softmax(model(image))
-        return {"probabilities": probabilities, "classes": tf.argmax(probabilities, axis=-1)}
-
-    _export(model, serve, tf.TensorSpec([None, 8, 8], tf.float32, name="image"), path)
 
 
 def export_text(path: Path) -> None:
@@ -76,7 +50,7 @@ def export_text(path: Path) -> None:
     def serve(text):
         return {"logits": model(tf.cast(tf.io.decode_raw(text, tf.uint8, fixed_length=16), tf.int32))}
 
-    _export(model, serve, tf.TensorSpec([None], tf.string, name="text"), path)
+    export_archive(model, serve, tf.TensorSpec([None], tf.string, name="text"), path)
 
 
 def export_tokens(path: Path) -> None:
@@ -84,7 +58,7 @@ def export_tokens(path: Path) -> None:
     keras.utils.set_random_seed(4)
     model = keras.Sequential([keras.Input((None,), dtype="int32"), keras.layers.Embedding(16, 4),
                               keras.layers.Dense(16)])
-    _export(model, lambda tokens: {"logits": model(tokens)}, tf.TensorSpec([None, None], tf.int32, name="tokens"),
+    export_archive(model, lambda tokens: {"logits": model(tokens)}, tf.TensorSpec([None, None], tf.int32, name="tokens"),
             path)
 
 
@@ -101,63 +75,10 @@ def base_path(tmp_path_factory) -> Path:
     return base
 
 
-
-
-def command(module: str, *flags: str) -> list[str]:
-    return [sys.executable, "-m", f"kerasbig.{module}", *flags]
-
-
-@contextlib.contextmanager
-def running_server(base: Path | None, log_path: Path, *flags: str):
-    """Starts `kerasbig.serve` (on `--model_base_path=base` unless None), yields its URL once it says it is
-    ready, and always stops it."""
-    with server_process(base, log_path, *flags) as (url, _):
-        yield url
-
-
-@contextlib.contextmanager
-def server_process(base: Path | None, log_path: Path, *flags: str):
-    """`running_server`, yielding (URL, the server's Popen)."""
-    port = free_port()
-    with log_path.open("w") as log:  # a file, not a pipe: a pipe nobody reads would block the server
-        models = [] if base is None else [f"--model_base_path={base}"]
-        process = subprocess.Popen(command("serve", *models, f"--rest_api_port={port}",
-                                           f"--max_request_bytes={MAX_REQUEST_BYTES}",
-                                           f"--file_system_poll_wait_seconds={POLL_SECONDS}", *flags),
-                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while f"at {url}/v1/models/" not in log_path.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
-        yield url, process
-    finally:
-        stop(process)
-
-
 @pytest.fixture(scope="module")
 def server(base_path, tmp_path_factory) -> str:
     with running_server(base_path, tmp_path_factory.mktemp("server") / "server.log") as url:
         yield url
-
-
-def until(condition, timeout: float = 30):
-    """Waits for `condition()` to hold, as the server polls its folders; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()) and time.monotonic() < deadline:
-        time.sleep(POLL_SECONDS / 2)
-    return value
-
-
-def call(url: str, body=None) -> tuple[int, dict]:
-    """GET `url`, or POST `body` (bytes as they are, anything else as JSON); returns (HTTP status, JSON reply)."""
-    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data), timeout=60) as reply:
-            return reply.status, json.load(reply)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
 
 
 @functools.cache
@@ -169,10 +90,6 @@ def direct(base: Path, name: str, version: int, **inputs) -> dict[str, np.ndarra
     """What the SavedModel itself answers, loaded with TensorFlow and no server."""
     signature = load(base / name / str(version)).signatures["serving_default"]
     return {key: value.numpy() for key, value in signature(**{k: tf.constant(v) for k, v in inputs.items()}).items()}
-
-
-def images(count: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(0, 16, (count, 8, 8)).astype("float32")
 
 
 def assert_digits_rows(predictions: list[dict], expected: dict[str, np.ndarray]) -> None:
@@ -321,13 +238,6 @@ def test_model_name_serves_that_model_only(base_path, tmp_path):
     with running_server(base_path, tmp_path / "server.log", "--model_name=text") as url:
         assert call(f"{url}/v1/models/text")[0] == 200
         assert call(f"{url}/v1/models/digits")[0] == 404
-
-
-def run_all(*commands: list[str]) -> list[subprocess.CompletedProcess]:
-    """Runs the commands side by side: each spends seconds importing TensorFlow."""
-    with concurrent.futures.ThreadPoolExecutor() as pool:
-        return list(pool.map(lambda args: subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=90),
-                             commands))
 
 
 def assert_failed(result: subprocess.CompletedProcess, code: int, message: str) -> None:

@@ -19,7 +19,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
 
 from kerasbig import export, predict
 from serving_models import export_half_plus_two, export_multi, export_slow
-from test_serve import MAX_REQUEST_BYTES, call, command, export_digits, images, running_server, run_all
+from serving_helpers import MAX_REQUEST_BYTES, call, command, export_digits, images, running_server, run_all
 
 pytestmark = pytest.mark.slow  # a server process
 

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from kerasbig import predict
 from serving_models import export_slow
-from test_serve import call, export_digits, images, server_process, until
+from serving_helpers import call, export_digits, images, server_process, until
 
 pytestmark = pytest.mark.slow  # server processes
 

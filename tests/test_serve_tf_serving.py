@@ -17,7 +17,7 @@ import pytest
 
 from kerasbig import export
 from serving_models import export_half_plus_two, export_multi
-from test_serve import call, running_server
+from serving_helpers import call, running_server
 
 pytestmark = pytest.mark.slow  # a server process
 

@@ -1,7 +1,6 @@
 """Every shipped config: passes dry_run with exact parameter counts, trains a few steps in kerasbig's own loop,
 exports, and its SavedModel is served by `kerasbig.serve` with the numbers of the SavedModel loaded directly.
 TFDS configs run on TFDS's mock data (real builders and metadata, fake examples)."""
-import importlib.util
 import pathlib
 import time
 
@@ -10,27 +9,19 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import REPO, prepare_metadata
+from conftest import REPO, TFDS, load_config, prepare_metadata
 from kerasbig import data, export, models
 from kerasbig.models import sizing
 from kerasbig.train import make_optimizer
 from kerasbig.trainer import Trainer
-from test_data_images import post, serving
+from data_helpers import post, serving
 
 pytestmark = pytest.mark.slow
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
-TFDS = {"mnist_cnn": "mnist", "cifar10_resnet": "cifar10", "imdb_transformer": "imdb_reviews"}
 GPT2_PARAMS = {"gpt2_124m": 124_439_808, "gpt2_350m": 354_823_168, "gpt2_774m": 774_030_080,
                "gpt2_1558m": 1_557_611_200}
 RUNNABLE = [name for name in CONFIGS if not name.startswith(("gpt2_", "gpt_7b"))]
 MOCK_EXAMPLES = 20
-
-
-def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def load_task(name: str, config, tmp_path: pathlib.Path):
