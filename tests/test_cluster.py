@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, stop
 from kerasbig import cluster
 from kerasbig.errors import PREEMPTED_EXIT_CODE, UsageError
 
@@ -143,9 +143,16 @@ def test_bad_tf_config_is_refused_naming_it(tf_config, named):
 
 
 @pytest.mark.slow
-def test_port_taken_and_missing_peer_stop_within_the_bound_writing_nothing(train, tmp_path):
-    """A task whose port is held exits 1 at once; one whose peer never starts exits 1 after
-    $KERASBIG_START_TIMEOUT_S naming that peer (TensorFlow alone would wait an hour). Neither writes anything."""
+def test_bad_steps_taken_ports_and_missing_peers_stop_with_one_line_writing_nothing(train, tmp_path):
+    """Inconsistent SLURM variables exit 2 and a task whose port is held exits 1, both at once; one whose peer
+    never starts exits 1 after $KERASBIG_START_TIMEOUT_S naming that peer (TensorFlow alone would wait an hour).
+    None writes anything."""
+    result = train(*MLP, f"--workdir={tmp_path / 'bad'}", check=False, env=slurm_step(SLURM_STEP_TASKS_PER_NODE="2,2"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: SLURM_STEP_TASKS_PER_NODE=2,2 does not place SLURM_STEP_NUM_TASKS=3 tasks on the 2 node(s) of "
+        "SLURM_STEP_NODELIST=node[9-10]")
+
     with socket.create_server(("127.0.0.1", 0)) as holder:
         taken = holder.getsockname()[1]
         result = train(*MLP, f"--workdir={tmp_path / 'taken'}", check=False, env=slurm_step(
@@ -163,12 +170,12 @@ def test_port_taken_and_missing_peer_stop_within_the_bound_writing_nothing(train
     assert result.returncode == 1 and time.time() - started < 120
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: worker 1 ({missing}) of the 2 tasks from TF_CONFIG did not answer within 3 s")
-    assert not (tmp_path / "taken").exists() and not (tmp_path / "alone").exists()
+    assert not list(tmp_path.iterdir())
 
 
 SLURM_COMMANDS = ("mungekey", "munged", "slurmctld", "slurmd", "srun", "sbatch", "scancel")
 # Enough steps that a SIGTERM sent at the first checkpoint arrives mid-run; validation only at the end.
-RUN = [*MLP, "--deterministic", "--config.train.steps=400", "--config.train.checkpoint_every_steps=25",
+RUN = [*MLP, "--deterministic", "--config.train.steps=200", "--config.train.checkpoint_every_steps=20",
        "--config.train.eval_every_epochs=1000"]
 
 
@@ -204,12 +211,7 @@ def slurm(tmp_path_factory) -> dict[str, str]:
         yield env
     finally:
         for daemon in reversed(daemons):
-            daemon.terminate()
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+            stop(daemon)
 
 
 SLURM_CONF = """\
@@ -250,6 +252,7 @@ def one_device(tmp_path_factory) -> pathlib.Path:
     return workdir
 
 
+@pytest.mark.slow
 def test_srun_tasks_train_as_one_device_with_only_the_chief_writing(slurm, one_device, tmp_path):
     """`srun -n2` with no TF_CONFIG: `--strategy=auto` finds the two tasks, and they reach the one-device test
     loss. Each task gets its own --workdir and TMPDIR here, so what each writes can be told apart."""
@@ -265,6 +268,7 @@ def test_srun_tasks_train_as_one_device_with_only_the_chief_writing(slurm, one_d
     assert not (tmp_path / "task1").exists() and not list((tmp_path / "tmp1").iterdir())
 
 
+@pytest.mark.slow
 def test_preempted_sbatch_job_exits_75_and_resumes_on_resubmission(slurm, one_device, tmp_path):
     """`scancel --signal=TERM` (what SLURM's preemption sends) stops both tasks at the same step with a checkpoint
     in the shared workdir and the job exits 75; the same script submitted again resumes and ends with the
@@ -286,7 +290,7 @@ def test_preempted_sbatch_job_exits_75_and_resumes_on_resubmission(slurm, one_de
     output = (tmp_path / f"slurm-{job_id}.out").read_text(errors="replace")
     assert output.count("Preempted: saved step") == 2 and len(set(re.findall(r"saved step (\d+)", output))) == 1
     stopped = int(re.search(r"saved step (\d+)", output)[1])
-    assert stopped < 400
+    assert stopped < 200
 
     rerun = subprocess.run(["sbatch", "--wait", "--parsable", str(script)], env=slurm, capture_output=True,
                            text=True, timeout=600)
@@ -301,3 +305,30 @@ def weights(workdir: pathlib.Path) -> list:
     latest = sorted((workdir / "checkpoints").glob("step-*"))[-1]
     reader = tf.train.load_checkpoint(str(latest / "ckpt"))
     return [reader.get_tensor(key) for key in sorted(reader.get_variable_to_shape_map()) if key.startswith("model/")]
+
+
+@pytest.mark.slow
+def test_tfjob_tf_config_trains_a_chief_and_a_worker_as_one_device(one_device, tmp_path):
+    """Kubeflow's TF_CONFIG for a chief and a worker, only its service addresses rewritten to local ports: the
+    two reach the one-device test loss and only the chief writes."""
+    local = {f"mnist-{role}-0.default.svc:2222": f"127.0.0.1:{free_port()}" for role in ("chief", "worker")}
+    processes = []
+    for role in ("chief", "worker"):
+        tf_config = tfjob_tf_config("mnist", role, 0)
+        for service, address in local.items():
+            tf_config = tf_config.replace(service, address)
+        (tmp_path / f"{role}-tmp").mkdir()
+        with open(tmp_path / f"{role}.txt", "w") as out:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "kerasbig.train", *RUN, f"--workdir={tmp_path / role}"], cwd=REPO,
+                env={**os.environ, "TF_CONFIG": tf_config, "TMPDIR": str(tmp_path / f"{role}-tmp")},
+                stdout=out, stderr=subprocess.STDOUT))
+    try:
+        returncodes = [process.wait(timeout=600) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert returncodes == [0, 0], (tmp_path / "chief.txt").read_text()[-2000:] + (tmp_path / "worker.txt").read_text()[-2000:]
+    loss = json.loads((tmp_path / "chief" / "metrics.json").read_text())["loss"]
+    assert loss == pytest.approx(json.loads((one_device / "metrics.json").read_text())["loss"], rel=1e-6)
+    assert not (tmp_path / "worker").exists() and not list((tmp_path / "worker-tmp").iterdir())
