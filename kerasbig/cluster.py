@@ -137,6 +137,10 @@ def from_tf_config(text: str) -> Cluster | None:
     tasks = {role: list(cluster[role]) for role in ROLES if cluster.get(role)}
     if not tasks:
         return None
+    malformed = [address for addresses in tasks.values() for address in addresses
+                 if not re.fullmatch(r"[^:\s]+:\d+|\[[0-9a-fA-F:.]+\]:\d+", str(address))]
+    if malformed:
+        raise UsageError(f"TF_CONFIG's cluster addresses {malformed} are not host:port")
     task = config.get("task") or {}
     task_type, index = task.get("type"), task.get("index", 0)
     if task_type not in tasks or not isinstance(index, int) or not 0 <= index < len(tasks[task_type]):

@@ -134,6 +134,7 @@ def test_tfjob_tf_config_is_taken_as_it_is():
     ('{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 2}}', "TF_CONFIG's task"),
     ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "evaluator", "index": 0}}', "TF_CONFIG's task"),
     ('{"cluster": ["a:1"]}', "TF_CONFIG must be"),
+    ('{"cluster": {"worker": ["a:1", "b"]}, "task": {"type": "worker", "index": 0}}', "TF_CONFIG's cluster addresses ['b']"),
     ("{", "TF_CONFIG is not valid JSON"),
 ])
 def test_bad_tf_config_is_refused_naming_it(tf_config, named):
