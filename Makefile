@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: install train test bench clean chromium
+.PHONY: install train test bench clean chromium slurm
 
 install: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): setup.py
 train: $(STAMP)
 	$(PY) -m kerasbig.train $(ARGS)
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium slurm
 	$(PY) -m pytest $(ARGS)
 
 # The TensorBoard browser test drives Debian's Chromium (never a downloaded browser). Installed once where
@@ -26,6 +26,13 @@ test: $(STAMP) chromium
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium could not be installed: the browser tests will be skipped"
+
+# The cluster tests start a private single-node SLURM cluster (Debian's packages, 13 MB). Installed once where
+# apt-get works; elsewhere those tests are skipped.
+slurm:
+	@(command -v srun && command -v slurmctld && command -v slurmd && command -v munged) >/dev/null \
+		|| (apt-get update -qq && apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge \
+		>/dev/null) || echo "SLURM could not be installed: the SLURM cluster tests will be skipped"
 
 bench: $(STAMP)
 	$(PY) -m kerasbig.bench $(ARGS)

@@ -67,9 +67,10 @@ class Cluster:
         try:
             server = socket.create_server(("", port))  # every interface, as TensorFlow's server then listens
         except OSError as err:
-            hint = "pass srun --resv-ports, or choose" if self.source == "SLURM" else "choose"
+            hint = " (srun --resv-ports reserves free ones)" if self.source == "SLURM" else ""
             raise RunError(f"port {port} of {self.describe(self.task_type, self.task_index)} from {self.source} "
-                           f"is taken on this host ({err.strerror}); {hint} a free port") from None
+                           f"is taken on this host ({os.strerror(err.errno)}); stop what holds it or give the task "
+                           f"another port{hint}") from None
         timeout = start_timeout_s()
         deadline = time.monotonic() + timeout
         silent = [(role, i) for role, addresses in self.tasks.items() for i in range(len(addresses))
@@ -136,6 +137,10 @@ def from_tf_config(text: str) -> Cluster | None:
     tasks = {role: list(cluster[role]) for role in ROLES if cluster.get(role)}
     if not tasks:
         return None
+    malformed = [address for addresses in tasks.values() for address in addresses
+                 if not re.fullmatch(r"[^:\s]+:\d+|\[[0-9a-fA-F:.]+\]:\d+", str(address))]
+    if malformed:
+        raise UsageError(f"TF_CONFIG's cluster addresses {malformed} are not host:port")
     task = config.get("task") or {}
     task_type, index = task.get("type"), task.get("index", 0)
     if task_type not in tasks or not isinstance(index, int) or not 0 <= index < len(tasks[task_type]):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import signal
 import sys
 import tempfile
 
@@ -171,6 +172,9 @@ def run() -> None:
         try:
             trainer.fit(callbacks)
         except Preempted as stop:
+            # Saved: later SIGTERMs must not turn exit 75 into a kill (srun --kill-on-bad-exit=1 terminates the
+            # other tasks as soon as the first one exits 75).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             print(f"Preempted: saved step {stop.step} to {workdir / 'checkpoints'}; rerun the same command to resume.")
             sys.exit(PREEMPTED_EXIT_CODE)
     elif trainer.restore(callbacks) is None:
