@@ -121,7 +121,9 @@ def _fit(model, optimizer, task, config, trainer: Trainer, strategy, timer: Step
                       steps_per_execution=config.train.steps_per_execution, jit_compile=config.train.jit_compile)
     batch = config.data.batch_size
     train = pipeline.train_batches(task, global_batch=batch, seed=0, start_step=0, total_steps=trainer.total_steps)
-    validation = pipeline.eval_batches(task, "validation", global_batch=config.data.eval_batch_size)
+    # Per-example weights (0 on padding) broadcast to per-token weights for language models.
+    validation = pipeline.eval_batches(task, "validation", global_batch=config.data.eval_batch_size).map(
+        lambda x, y, w: (x, y, tf.broadcast_to(tf.reshape(w, [-1] + [1] * (len(y.shape) - 1)), tf.shape(y))))
     model.fit(train, epochs=trainer.epochs, steps_per_epoch=trainer.period, validation_data=validation,
               callbacks=[timer], verbose=0)
 
@@ -154,6 +156,7 @@ def suite(cases: list[str], repeats: int = 3) -> list[dict]:
                 measured["first_step_s"] = measured.pop("first_step_end") - spawned
                 runs[variant].append(measured)
         rows.append(_row(name, runs))
+        print(json.dumps(rows[-1]), flush=True)  # each case as it completes: the suite takes a while
     return rows
 
 
