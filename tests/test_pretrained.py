@@ -252,3 +252,19 @@ def test_hf_export_round_trips(name, tmp_path):
     subprocess.run([str(TORCH_PYTHON), "-c", TORCH_LOGITS, str(folder), str(tmp_path / "ids.npy"),
                     str(tmp_path / "logits.npy")], check=True, capture_output=True, timeout=300)
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), want, atol=1e-4)
+
+
+def test_a_kerasbig_workdir_continues_with_a_new_config(tmp_path):
+    from kerasbig.checkpoint import Checkpoints
+
+    source = load(FIXTURES / "gpt2_tiny")
+    for variable in source.weights:  # the run's own weights, not the checkpoint it started from
+        variable.assign(variable * 1.5)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps({"model": {"init_from": str(FIXTURES / "gpt2_tiny")}}))
+    optimizer = keras.optimizers.AdamW()
+    optimizer.build(source.trainable_variables)
+    Checkpoints(workdir / "checkpoints", model=source, optimizer=optimizer, keep=1).save(7, {"step": 7})
+    ids = reference("gpt2_tiny")["ids"][None, :CONTEXT]
+    np.testing.assert_allclose(load(workdir, dropout=0.1)(ids).numpy(), source(ids).numpy(), atol=1e-6)

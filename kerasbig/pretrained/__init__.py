@@ -118,17 +118,28 @@ def load_weights(model: keras.Model, model_config: dict) -> None:
         tied = name == "gpt" or found["tie_embeddings"]
         _assign(model, hf.weights(path, config["model_type"], found["depth"], tied), path)
     elif kind == "workdir":
-        from kerasbig.checkpoint import load_model_weights
-        try:
-            load_model_weights(path / "checkpoints", model)
-        except FileNotFoundError:
-            raise UsageError(f"config.model.init_from={path} has no checkpoint yet; train it first") from None
+        _load_workdir_weights(model, path)
     else:
         try:
             model.load_weights(str(path))
         except (ValueError, OSError) as error:
             raise UsageError(f"config.model.init_from={path} does not fit the model ({str(error).splitlines()[0]}); "
                              "give the architecture it was saved with") from None
+
+
+def _load_workdir_weights(model: keras.Model, workdir: pathlib.Path) -> None:
+    """The weights of the run's newest checkpoint, without its random-number states: a new config may have
+    another number of dropout layers."""
+    import tensorflow as tf
+
+    from kerasbig import checkpoint
+
+    steps = checkpoint.saved_steps(workdir / "checkpoints")
+    if not steps:
+        raise UsageError(f"config.model.init_from={workdir} has no checkpoint yet; train it first")
+    state = tf.train.Checkpoint(model={"weights": checkpoint.by_path(model.weights)})
+    state.read(str(checkpoint.folder(workdir / "checkpoints", steps[-1]) / "ckpt")).expect_partial(
+        ).assert_existing_objects_matched()
 
 
 def _assign(model: keras.Model, values: dict[str, np.ndarray], path: pathlib.Path) -> None:
@@ -150,8 +161,11 @@ def adopt_tokenizer(config) -> None:
     (`data.tokenizer=pretrained:PATH`); a tokenizer of another kind would give its ids other meanings."""
     path = pathlib.Path(config.model.init_from).expanduser()
     folder = path if path.is_dir() else path.parent
-    if not config.data.name.startswith("corpus:") or tokenizers.load(folder) is None:
+    if tokenizers.load(folder) is None:
         return
+    if not config.data.name.startswith("corpus:"):
+        raise UsageError(f"config.data.name={config.data.name!r}: config.model.init_from={path} reads text with "
+                         "its own tokenizer, which only corpus: data takes; use corpus:GLOB")
     chosen = config.data.tokenizer
     if chosen == "bytes":  # the default: nothing chosen
         config.data.tokenizer = f"{PREFIX}{folder}"
