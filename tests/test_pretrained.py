@@ -268,3 +268,49 @@ def test_a_kerasbig_workdir_continues_with_a_new_config(tmp_path):
     Checkpoints(workdir / "checkpoints", model=source, optimizer=optimizer, keep=1).save(7, {"step": 7})
     ids = reference("gpt2_tiny")["ids"][None, :CONTEXT]
     np.testing.assert_allclose(load(workdir, dropout=0.1)(ids).numpy(), source(ids).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dry_run_sizes_the_checkpoints_architecture(name):
+    from kerasbig.models import sizing
+
+    estimate = sizing.estimate(spec(seq_len=32), {"init_from": str(FIXTURES / name)}, batch_per_replica=2)
+    assert estimate.total_params == load(FIXTURES / name).count_params()
+
+
+@pytest.mark.parametrize("data_name, tokenizer, message", [
+    ("text_lm", "bytes", "only corpus: data takes"),
+    ("corpus:docs/*.txt", "bpe:1000", "config.data.tokenizer='bpe:1000' contradicts"),
+])
+def test_data_the_checkpoints_tokenizer_cannot_read_is_refused(data_name, tokenizer, message):
+    from kerasbig.config import base
+
+    config = base()
+    config.data.name, config.data.tokenizer = data_name, tokenizer
+    config.model = {"init_from": str(FIXTURES / "llama_tiny")}
+    with pytest.raises(UsageError, match=message):
+        pretrained.adopt_tokenizer(config)
+
+
+def test_corpus_data_takes_the_checkpoints_tokenizer(tmp_path):
+    from kerasbig.config import base
+
+    config = base()
+    config.data.name = f"corpus:{write_corpus(tmp_path / 'docs')}/*.txt"
+    config.data.cache_dir = str(tmp_path / "cache")
+    config.model = {"init_from": str(FIXTURES / "llama_tiny")}
+    pretrained.adopt_tokenizer(config)
+    task = data.load_task(config.data)
+    assert task.spec.num_classes == 320 and set(task.tokenizer.files) == {"tokenizer.model"}
+    inputs, _ = next(iter(task.examples("train")))
+    document = task.tokenizer.decode(inputs.numpy())
+    assert task.tokenizer.encode(document)[:16].tolist() == inputs.numpy()[:16].tolist()
+
+
+@pytest.mark.parametrize("model_config, message", [
+    ({"name": "cnn"}, "writes gpt and llama models"),
+    ({"name": "gpt", "bias": False}, "GPT-2 has biases"),
+])
+def test_a_model_without_a_hugging_face_form_is_refused_before_training(model_config, message):
+    with pytest.raises(UsageError, match=message):
+        pretrained.check_hf_export(model_config)
