@@ -42,8 +42,8 @@ def load(init_from, **model_keys) -> keras.Model:
     return model
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_logits_equal_those_of_transformers(name):
+@pytest.mark.parametrize("name", [*FAMILIES, "gpt2_keras_hub"])
+def test_logits_equal_those_of_transformers_and_keras_hub(name):
     want = reference(name)
     got = load(FIXTURES / name)(want["ids"][None, :CONTEXT]).numpy()[0]
     np.testing.assert_allclose(got, want["logits"], atol=1e-4, rtol=0)
@@ -111,8 +111,8 @@ def edit_config(**values):
     return change
 
 
-def truncate(folder):
-    weights = folder / "model.safetensors"
+def truncate(folder, name="model.safetensors"):
+    weights = folder / name
     weights.write_bytes(weights.read_bytes()[:5000])
 
 
@@ -132,6 +132,10 @@ BAD_CHECKPOINTS = {
     "vocabulary not the weights'": ("gpt2_tiny", edit_config(vocab_size=400), "in config.json"),
     "context not the weights'": ("gpt2_tiny", edit_config(n_positions=128), r"\(64, 32\) in the weights"),
     "depth not the weights'": ("llama_tiny", edit_config(num_hidden_layers=3), "lack 'model.layers.2"),
+    "another keras-hub backbone": ("gpt2_keras_hub", edit_config(registered_name="keras_hub>BertBackbone"),
+                                   "'keras_hub>BertBackbone' is not one kerasbig reads"),
+    "truncated keras-hub weights": ("gpt2_keras_hub", lambda f: truncate(f, "model.weights.h5"),
+                                    "cannot read model.weights.h5"),
 }
 
 

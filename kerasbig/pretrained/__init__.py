@@ -2,6 +2,8 @@
 
 - a Hugging Face folder (`config.json` with model_type gpt2 or llama, `model.safetensors` or its shards):
   GPT-2 into the `gpt` builder, Llama into the `llama` builder (`kerasbig.pretrained.hf`);
+- a keras-hub GPT-2 preset folder (`config.json`, `model.weights.h5`), read without keras-hub
+  (`kerasbig.pretrained.keras_hub`);
 - a kerasbig workdir (`config.json` and `checkpoints/`): continue from your own run with a new config;
 - a `.keras` file of a kerasbig model, or a `.weights.h5` file (weights only: `config.model` names the
   architecture, and the shapes must match it).
@@ -22,7 +24,7 @@ import keras
 import numpy as np
 
 from kerasbig.errors import UsageError
-from kerasbig.pretrained import hf, tokenizers
+from kerasbig.pretrained import hf, keras_hub, tokenizers
 
 PREFIX = "pretrained:"  # data.tokenizer=pretrained:PATH, the tokenizer files in a checkpoint's folder
 # Keys a checkpoint leaves to the config: regularisation, not shape.
@@ -33,7 +35,7 @@ def _kind(path: pathlib.Path) -> str:
     if path.is_dir():
         if (path / "checkpoints").is_dir():
             return "workdir"
-        return "hf"
+        return "keras_hub" if keras_hub.is_preset(path) else "hf"
     if path.name.endswith(".weights.h5"):
         return "weights"
     if path.suffix == ".keras":
@@ -81,6 +83,8 @@ def architecture(path: pathlib.Path, given: dict) -> tuple[str, dict]:
     kind = _kind(path)
     if kind == "hf":
         return hf.hyperparameters(path, hf.read_config(path))
+    if kind == "keras_hub":
+        return keras_hub.hyperparameters(path)
     if kind == "workdir":
         from kerasbig.models import hyperparameters
         return hyperparameters(_workdir_model(path))
@@ -117,6 +121,8 @@ def load_weights(model: keras.Model, model_config: dict) -> None:
         name, found = hf.hyperparameters(path, config)
         tied = name == "gpt" or found["tie_embeddings"]
         _assign(model, hf.weights(path, config["model_type"], found["depth"], tied), path)
+    elif kind == "keras_hub":
+        _assign(model, keras_hub.weights(path, keras_hub.hyperparameters(path)[1]["depth"]), path)
     elif kind == "workdir":
         _load_workdir_weights(model, path)
     else:
