@@ -182,13 +182,18 @@ def get_config():
     return path
 
 
-def test_loss(model: keras.Model, task) -> float:
+def pretrained_data_config(saved: dict):
+    """The data config a run saved, as a ConfigDict."""
+    from kerasbig.config import base
+    config = base().data
+    config.update(saved)
+    return config
+
+
+def mean_test_loss(model: keras.Model, task) -> float:
     losses = [keras.losses.sparse_categorical_crossentropy(y, model(x), from_logits=True).numpy().mean()
               for x, y in task.examples("test").batch(64)]
     return float(np.mean(losses))
-
-
-test_loss.__test__ = False  # a helper, not a test
 
 
 @pytest.mark.slow
@@ -200,7 +205,7 @@ def test_gpt2_fine_tunes_on_cpython_docs_and_exports_with_its_tokenizer(tmp_path
     saved = json.loads((run / "config.json").read_text())
     assert saved["data"]["tokenizer"] == f"pretrained:{FIXTURES / 'gpt2_tiny'}"
     task = data.load_task(pretrained_data_config(saved["data"]))
-    start = test_loss(load(FIXTURES / "gpt2_tiny"), task)
+    start = mean_test_loss(load(FIXTURES / "gpt2_tiny"), task)
     end = json.loads((run / "metrics.json").read_text())["loss"]
     assert end < start - 1.5, (start, end)  # nats per token: perplexity down more than 4x
     version = models_dir / "finetuned" / "1"
@@ -214,13 +219,6 @@ def test_gpt2_fine_tunes_on_cpython_docs_and_exports_with_its_tokenizer(tmp_path
     back = load(tmp_path / "hf")(tokens).numpy()[:, -1]
     np.testing.assert_allclose(back, served["logits"].numpy(), atol=1e-5)
     assert (tmp_path / "hf" / "vocab.json").read_bytes() == (FIXTURES / "gpt2_tiny" / "vocab.json").read_bytes()
-
-
-def pretrained_data_config(saved: dict):
-    from kerasbig.config import base
-    config = base().data
-    config.update(saved)
-    return config
 
 
 @pytest.mark.slow
@@ -266,7 +264,8 @@ def test_a_kerasbig_workdir_continues_with_a_new_config(tmp_path):
         variable.assign(variable * 1.5)
     workdir = tmp_path / "run"
     workdir.mkdir()
-    (workdir / "config.json").write_text(json.dumps({"model": {"init_from": str(FIXTURES / "gpt2_tiny")}}))
+    (workdir / "config.json").write_text(json.dumps({"model": {"init_from": str(FIXTURES / "gpt2_tiny")},
+                                                     "data": {"seq_len": 32}}))
     optimizer = keras.optimizers.AdamW()
     optimizer.build(source.trainable_variables)
     Checkpoints(workdir / "checkpoints", model=source, optimizer=optimizer, keep=1).save(7, {"step": 7})
@@ -318,3 +317,10 @@ def test_corpus_data_takes_the_checkpoints_tokenizer(tmp_path):
 def test_a_model_without_a_hugging_face_form_is_refused_before_training(model_config, message):
     with pytest.raises(UsageError, match=message):
         pretrained.check_hf_export(model_config)
+
+
+def test_a_workdir_keeps_the_context_it_was_trained_with(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "gpt", "width": 16, "depth": 1, "heads": 2},
+                                                      "data": {"seq_len": 48}}))
+    assert models.hyperparameters({"init_from": str(tmp_path)})[1]["context"] == 48

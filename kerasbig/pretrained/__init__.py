@@ -46,12 +46,21 @@ def _kind(path: pathlib.Path) -> str:
     raise UsageError(f"config.model.init_from={path} is neither a folder nor a .keras / .weights.h5 file")
 
 
-def _workdir_model(path: pathlib.Path) -> dict:
+def _workdir_architecture(path: pathlib.Path) -> tuple[str, dict]:
+    """The run's builder and hyperparameters; a language model's context is the one it was trained with,
+    whatever data.seq_len the new config has."""
+    from kerasbig.models import hyperparameters
+
     try:
-        return dict(json.loads((path / "config.json").read_text())["model"])
+        config = json.loads((path / "config.json").read_text())
+        model, seq_len = dict(config["model"]), config["data"]["seq_len"]
     except (OSError, ValueError, KeyError):
         raise UsageError(f"config.model.init_from={path}: a kerasbig workdir needs the config.json its run "
                          "wrote; pass the folder of a training run") from None
+    name, found = hyperparameters(model)
+    if name in ("gpt", "llama") and not found.get("context"):
+        found["context"] = seq_len
+    return name, found
 
 
 def _keras_file_model(path: pathlib.Path) -> tuple[str, dict]:
@@ -86,8 +95,7 @@ def architecture(path: pathlib.Path, given: dict) -> tuple[str, dict]:
     if kind == "keras_hub":
         return keras_hub.hyperparameters(path)
     if kind == "workdir":
-        from kerasbig.models import hyperparameters
-        return hyperparameters(_workdir_model(path))
+        return _workdir_architecture(path)
     if kind == "keras":
         return _keras_file_model(path)
     if "name" not in given:
