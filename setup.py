@@ -22,6 +22,8 @@ setup(
         "scikit-learn>=1.3,<2",
         "numpy>=1.26,<3",
         "sentencepiece>=0.2,<0.3",  # BPE and unigram tokenizers trained on corpus: data
+        "safetensors>=0.4,<1",  # model.init_from: Hugging Face weights, and --export_format=hf
+        "regex>=2023.0",  # GPT-2's pre-tokenizer needs Unicode classes (\p{L}, \p{N}) that `re` lacks
         # TF Serving's own protos (warmup records, models.config, the gRPC API) come only with
         # tensorflow-serving-api, which requires the `tensorflow` distribution by name: with `tensorflow-cpu`
         # beside it pip would install both, one overwriting the other. So the base is the full `tensorflow`

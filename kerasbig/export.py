@@ -197,8 +197,8 @@ def _write_version(model: keras.Model, task: Task, model_base: pathlib.Path, nam
             cases[signature_name] = (_named(spec, samples), expected)
         extra = tmp / "assets.extra"
         extra.mkdir()
-        if task.tokenizer is not None and task.tokenizer.model:  # for clients that tokenize text themselves
-            (extra / "tokenizer.model").write_bytes(task.tokenizer.model)
+        for file_name, content in (task.tokenizer.files if task.tokenizer else {}).items():
+            (extra / file_name).write_bytes(content)  # for clients that tokenize text themselves
         _write_warmup(extra / "tf_serving_warmup_requests", name, cases["serving_default"][0])
         libraries = {"keras": keras.__version__, "tensorflow": tf.__version__, "python": sys.version.split()[0]}
         record = {**record, "size_bytes": saved_model_bytes(tmp), "versions": libraries}

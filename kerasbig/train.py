@@ -18,7 +18,7 @@ import tensorflow as tf
 from absl import flags, logging
 from ml_collections import config_flags
 
-from kerasbig import checkpoint, cli, config as config_lib, data, distribute, evaluation, export, models
+from kerasbig import checkpoint, cli, config as config_lib, data, distribute, evaluation, export, models, pretrained
 from kerasbig.callbacks import (Dashboard, EarlyStopping, LearningRateScheduler, ProfileSteps, Throughput,
                                 WarmupDecay, peak_flops_per_device)
 from kerasbig.data.spec import LANGUAGE_MODEL
@@ -31,6 +31,7 @@ from kerasbig.trainer import Preempted, Trainer
 PACKAGE = pathlib.Path(__file__).resolve().parent
 CONFIGS = PACKAGE / "configs" if (PACKAGE / "configs").is_dir() else PACKAGE.parent / "configs"
 MODES = ("train_and_export", "train", "eval", "export", "dry_run")
+EXPORT_FORMATS = ("saved_model", "hf")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 DEFAULT_CONFIG = CONFIGS / "digits_cnn.py"
 
@@ -43,6 +44,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Run folder (default logs/<config name>); rerunning resumes from it.")
     flags.DEFINE_string("export_dir", None, "Base folder of SavedModel versions (default saved_models/<model name>).")
     flags.DEFINE_string("mode", "train_and_export", f"One of {', '.join(MODES)}.")
+    flags.DEFINE_string("export_format", "saved_model", "saved_model (for TF Serving) or hf (a Hugging Face folder "
+                        "of a gpt or llama model, at --export_dir or saved_models/<name>-hf).")
     flags.DEFINE_string("strategy", "auto", "auto, one_device, mirrored, multi_worker or tpu.")
     flags.DEFINE_string("tpu", "", "TPU name or grpc:// address for TPUClusterResolver.")
     flags.DEFINE_integer("num_cpu_replicas", 0, "Split the CPU into N logical devices (MirroredStrategy without GPUs).")
@@ -84,7 +87,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         FLAGS.config.keys()
     except Exception as err:
         cli.fail(2, _config_error(err, argv))
-    for name, accepted in (("mode", MODES), ("mixed_precision", PRECISIONS), ("strategy", distribute.STRATEGIES)):
+    for name, accepted in (("mode", MODES), ("mixed_precision", PRECISIONS), ("strategy", distribute.STRATEGIES),
+                           ("export_format", EXPORT_FORMATS)):
         if FLAGS[name].value not in accepted:
             cli.fail(2, f"--{name}={FLAGS[name].value!r} is not one of {list(accepted)}")
     if FLAGS.profile_steps and (len(FLAGS.profile_steps) != 2 or not all(s.isdigit() for s in FLAGS.profile_steps)):
@@ -115,6 +119,10 @@ def run() -> None:
     logging.set_verbosity(logging.WARNING)
     config = FLAGS.config
     config_lib.validate(config)
+    if config.model.get("init_from"):
+        pretrained.adopt_tokenizer(config)
+    if FLAGS.export_format == "hf" and FLAGS.mode in ("train_and_export", "export"):
+        pretrained.check_hf_export(config.model)
     if FLAGS.num_cpu_replicas > 1:
         distribute.split_cpu(FLAGS.num_cpu_replicas)
     keras.utils.set_random_seed(FLAGS.seed)
@@ -146,6 +154,8 @@ def run() -> None:
 
     with strategy.scope():
         model = models.build(task.spec, config.model)
+        if config.model.get("init_from"):  # a resumed run then restores its own checkpoint over these
+            pretrained.load_weights(model, config.model)
         optimizer = make_optimizer(config, FLAGS.mixed_precision, model)
     check_resumable(workdir, config, FLAGS.seed)
     if chief:
@@ -155,8 +165,8 @@ def run() -> None:
             writable_dir(export_base / export_name, "--export_dir")
         print(f"Config {name}:\n{config}")
         config_lib.save_json(config, workdir / "config.json")
-        if task.tokenizer is not None and task.tokenizer.model:  # the run's own tokenizer, beside its checkpoints
-            write_atomically(workdir / "tokenizer.model", task.tokenizer.model)
+        for file_name, content in (task.tokenizer.files if task.tokenizer else {}).items():
+            write_atomically(workdir / file_name, content)  # the run's own tokenizer, beside its checkpoints
     print(f"Strategy {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
           f"model {model.name} with {model.count_params():,} parameters; "
           f"{task.num_examples['train']} training examples")
@@ -190,7 +200,12 @@ def run() -> None:
             write_atomically(metrics_path, json.dumps({"split": "test", **metrics}, indent=2))
     print(f"Logs: {workdir}  (tensorboard --logdir {workdir.parent})")
 
-    if FLAGS.mode in ("train_and_export", "export") and chief:
+    if FLAGS.mode in ("train_and_export", "export") and chief and FLAGS.export_format == "hf":
+        folder = pretrained.export_hf(model, config.model, export_base / (
+            export_name if FLAGS.export_dir else f"{export_name}-hf"), tokenizer=task.tokenizer,
+            seq_len=task.spec.seq_len)
+        print(f"Hugging Face folder: {folder}  (transformers.AutoModelForCausalLM.from_pretrained loads it)")
+    elif FLAGS.mode in ("train_and_export", "export") and chief:
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         record = {"config": config_lib.to_dict(config), "config_name": name, "metrics": metrics,
                   "step": int(optimizer.iterations.numpy()), "mixed_precision": FLAGS.mixed_precision}

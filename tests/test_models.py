@@ -24,6 +24,7 @@ CASES = {  # id: (builder name, data, hyperparameters), all tiny
     "transformer-max": ("transformer", TEXT, dict(vocab_size=24, width=16, depth=1, heads=4, pooling="max")),
     "gpt": ("gpt", LM, dict(width=16, depth=2, heads=2)),
     "gpt-no-bias": ("gpt", LM, dict(width=16, depth=1, heads=4, bias=False, dropout=0.1, mlp_ratio=2)),
+    "llama": ("llama", LM, dict(width=16, depth=2, heads=4, kv_heads=2, hidden=32)),
 }
 
 
@@ -164,7 +165,7 @@ def test_bad_hyperparameters_raise_usage_error(name, spec, hyperparameters, mess
 
 
 def test_builders_are_registered():
-    assert sorted(models.BUILDERS) == ["cnn", "gpt", "mlp", "resnet", "rnn", "transformer"]
+    assert sorted(models.BUILDERS) == ["cnn", "gpt", "llama", "mlp", "resnet", "rnn", "transformer"]
 
 
 def test_transformer_patches_group_tokens_and_ignore_padding_patches():

@@ -68,13 +68,29 @@ class Document:
 
 
 def parse_tokenizer(value: str) -> tuple[str, int]:
-    """`bytes` -> ("bytes", 256); `bpe:N` / `unigram:N` -> (kind, N). Raises UsageError otherwise."""
+    """`bytes` -> ("bytes", 256); `bpe:N` / `unigram:N` -> (kind, N); `pretrained:PATH` -> ("pretrained", 0),
+    its size known once its files are read. Raises UsageError otherwise."""
     if value == "bytes":
         return "bytes", text.BYTE_VOCAB
     kind, _, size = value.partition(":")
+    if kind == "pretrained" and size:
+        return kind, 0
     if kind not in PIECE_KINDS or not size.isdigit() or int(size) < MIN_PIECES:
-        raise UsageError(f"config.data.tokenizer={value!r} must be bytes, bpe:N or unigram:N with N >= {MIN_PIECES}")
+        raise UsageError(f"config.data.tokenizer={value!r} must be bytes, bpe:N or unigram:N with N >= {MIN_PIECES}, "
+                         "or pretrained:FOLDER (a checkpoint's tokenizer files)")
     return kind, int(size)
+
+
+def pretrained_tokenizer(value: str):
+    """The tokenizer of `pretrained:FOLDER` (see kerasbig.pretrained.tokenizers)."""
+    from kerasbig.pretrained import tokenizers  # imports this module
+
+    folder = pathlib.Path(value.partition(":")[2]).expanduser()
+    tokenizer = tokenizers.load(folder)
+    if tokenizer is None:
+        raise UsageError(f"config.data.tokenizer={value!r}: {folder} holds no tokenizer files "
+                         f"({', '.join(tokenizers.TOKENIZER_FILES)})")
+    return tokenizer
 
 
 class ByteTokenizer:
@@ -83,6 +99,7 @@ class ByteTokenizer:
     vocab_size = text.BYTE_VOCAB
     separator = text.PAD
     model = None
+    files: dict[str, bytes] = {}
 
     def encode(self, string: str) -> np.ndarray:
         return text.encode(string)
@@ -101,6 +118,7 @@ class PieceTokenizer:
         import sentencepiece  # only corpora with trained tokenizers need it
 
         self.model = model
+        self.files = {"tokenizer.model": model}  # what the run and the export keep for clients
         self._processor = sentencepiece.SentencePieceProcessor(model_proto=model)
         self.vocab_size = self._processor.get_piece_size()
         self.separator = self._processor.eos_id()
@@ -187,7 +205,11 @@ def _train_pieces(kind: str, size: int, documents: list[Document], errors: str, 
 
 
 def _fingerprint(data_config, documents: list[Document]) -> str:
-    state = {"format": FORMAT, "tokenizer": data_config.tokenizer, "seed": data_config.split_seed,
+    tokenizer = data_config.tokenizer
+    if tokenizer.startswith("pretrained:"):  # its files, not only their folder, name the tokens
+        files = sorted(pretrained_tokenizer(tokenizer).files.items())
+        tokenizer = [tokenizer, hashlib.sha256(b"".join(name.encode() + content for name, content in files)).hexdigest()]
+    state = {"format": FORMAT, "tokenizer": tokenizer, "seed": data_config.split_seed,
              "errors": data_config.decode_errors,
              "files": [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in sorted({d.path for d in documents})]}
     return hashlib.sha256(json.dumps(state).encode()).hexdigest()[:24]
@@ -228,6 +250,8 @@ def _build(folder: pathlib.Path, splits: dict[str, list[Document]], data_config,
     try:
         if kind == "bytes":
             tokenizer = ByteTokenizer()
+        elif kind == "pretrained":  # read from its own folder each time, not kept in the cache
+            tokenizer = pretrained_tokenizer(data_config.tokenizer)
         else:
             tokenizer = PieceTokenizer(_train_pieces(kind, size, splits["train"], errors, flag))
             (tmp / "tokenizer.model").write_bytes(tokenizer.model)
@@ -289,7 +313,9 @@ def _spec(seq_len: int, vocab_size: int) -> DataSpec:
 
 def plan(pattern: str, data_config) -> Plan:
     """The file list and, if the corpus was tokenized before, the cache's window counts (else unknown)."""
-    _, vocab_size = parse_tokenizer(data_config.tokenizer)
+    kind, vocab_size = parse_tokenizer(data_config.tokenizer)
+    if kind == "pretrained":
+        vocab_size = pretrained_tokenizer(data_config.tokenizer).vocab_size
     folder = _cache_folder(data_config, _documents(_paths(pattern, f"data.name=corpus:{pattern}")))
     sizes = {}
     if (folder / "meta.json").is_file():
@@ -312,7 +338,10 @@ def load(pattern: str, data_config) -> Task:
         _build(folder, text.split_documents({d: d for d in documents}, data_config.split_seed), data_config, flag)
     meta = json.loads((folder / "meta.json").read_text())
     model = folder / "tokenizer.model"
-    tokenizer = PieceTokenizer(model.read_bytes()) if model.is_file() else ByteTokenizer()
+    if data_config.tokenizer.startswith("pretrained:"):
+        tokenizer = pretrained_tokenizer(data_config.tokenizer)
+    else:
+        tokenizer = PieceTokenizer(model.read_bytes()) if model.is_file() else ByteTokenizer()
     seq_len = data_config.seq_len
     shards = [Shards(folder, split, meta) for split in text.SPLITS]
     counts = _window_counts(meta["shards"], seq_len, flag)

@@ -38,7 +38,8 @@ class DataSpec:
 class Tokenizer(Protocol):
     """Text <-> token ids for a language model whose tokens are not plain UTF-8 bytes (`kerasbig.data.text`)."""
 
-    model: bytes | None  # the serialised tokenizer, exported as assets.extra/tokenizer.model
+    model: bytes | None  # a SentencePiece model, or None
+    files: dict[str, bytes]  # the tokenizer's files by name, kept in the workdir and assets.extra/
 
     def encode(self, text: str) -> np.ndarray: ...
 

@@ -14,6 +14,7 @@ from kerasbig.data.spec import DataSpec
 from kerasbig.errors import UsageError
 from kerasbig.models.cnn import build_cnn
 from kerasbig.models.gpt import build_gpt
+from kerasbig.models.llama import build_llama
 from kerasbig.models.mlp import build_mlp
 from kerasbig.models.resnet import build_resnet
 from kerasbig.models.rnn import build_rnn
@@ -26,13 +27,18 @@ BUILDERS = {
     "rnn": build_rnn,
     "transformer": build_transformer,
     "gpt": build_gpt,
+    "llama": build_llama,
 }
 
 
 def hyperparameters(model_config) -> tuple[str, dict]:
     """Splits `config.model` into the builder name and its keyword arguments, rejecting unknown keys."""
     kwargs = dict(model_config)
-    name = kwargs.pop("name")
+    if kwargs.pop("init_from", ""):  # the architecture of a checkpoint
+        from kerasbig import pretrained
+        name, kwargs = pretrained.hyperparameters(dict(model_config))
+    else:
+        name = kwargs.pop("name")
     if name not in BUILDERS:
         raise UsageError(f"config.model.name={name!r} is not a model builder; choose one of {sorted(BUILDERS)}")
     accepted = [p for p in inspect.signature(BUILDERS[name]).parameters if p != "spec"]

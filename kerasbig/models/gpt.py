@@ -20,6 +20,13 @@ from kerasbig.errors import UsageError
 from kerasbig.models.transformer import PositionEmbedding, check_attention_sizes
 
 INIT_STD = 0.02  # GPT-2's initialisation of every weight matrix
+ACTIVATIONS = ("gelu", "gelu_tanh")  # exact GELU, or the tanh approximation GPT-2's own weights were trained with
+
+
+@keras.saving.register_keras_serializable(package="kerasbig")
+def gelu_tanh(x):
+    """GELU by its tanh approximation (GPT-2's `gelu_new`)."""
+    return keras.activations.gelu(x, approximate=True)
 
 
 def _normal(stddev: float) -> keras.initializers.Initializer:
@@ -80,16 +87,18 @@ class Block(keras.layers.Layer):
     """One transformer block: x + attention(ln_1(x)), then x + mlp(ln_2(x)) with a GELU MLP."""
 
     def __init__(self, width: int, heads: int, *, mlp_ratio: int = 4, dropout: float = 0.0, use_bias: bool = True,
-                 output_stddev: float = INIT_STD, **kwargs):
+                 output_stddev: float = INIT_STD, activation: str = "gelu", **kwargs):
         super().__init__(**kwargs)
         self.width, self.heads, self.mlp_ratio, self.dropout, self.use_bias, self.output_stddev = (
             width, heads, mlp_ratio, dropout, use_bias, output_stddev)
+        self.activation = activation
         # GPT-2 LayerNorms have biases too; nanoGPT's bias=False drops them along with the Dense biases.
         self.ln_1 = keras.layers.LayerNormalization(epsilon=1e-5, center=use_bias, name="ln_1")
         self.attn = CausalSelfAttention(width, heads, dropout=dropout, use_bias=use_bias,
                                         output_stddev=output_stddev, name="attn")
         self.ln_2 = keras.layers.LayerNormalization(epsilon=1e-5, center=use_bias, name="ln_2")
-        self.mlp_fc = keras.layers.Dense(mlp_ratio * width, activation="gelu", use_bias=use_bias,
+        self.mlp_fc = keras.layers.Dense(mlp_ratio * width, activation=gelu_tanh if activation == "gelu_tanh" else "gelu",
+                                         use_bias=use_bias,
                                          kernel_initializer=_normal(INIT_STD), name="mlp_fc")
         self.mlp_proj = keras.layers.Dense(width, use_bias=use_bias, kernel_initializer=_normal(output_stddev),
                                            name="mlp_proj")
@@ -115,7 +124,8 @@ class Block(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "mlp_ratio": self.mlp_ratio,
-                "dropout": self.dropout, "use_bias": self.use_bias, "output_stddev": self.output_stddev}
+                "dropout": self.dropout, "use_bias": self.use_bias, "output_stddev": self.output_stddev,
+                "activation": self.activation}
 
 
 def vocabulary(spec: DataSpec, vocab_size: int) -> int:
@@ -135,9 +145,10 @@ def check_hyperparameters(spec: DataSpec, *, width: int, depth: int, heads: int,
 
 
 def build_gpt(spec: DataSpec, *, width: int = 768, depth: int = 12, heads: int = 12, mlp_ratio: int = 4,
-              dropout: float = 0.0, bias: bool = True, vocab_size: int = 0) -> keras.Model:
-    """A GPT over `vocab_size` tokens (0: the data's `spec.num_classes`) with a context of `spec.seq_len`;
-    the defaults are GPT-2 124M's shape.
+              dropout: float = 0.0, bias: bool = True, vocab_size: int = 0, context: int = 0,
+              activation: str = "gelu") -> keras.Model:
+    """A GPT over `vocab_size` tokens (0: the data's `spec.num_classes`) with a context of `context` positions
+    (0: the data's `spec.seq_len`); the defaults are GPT-2 124M's shape. `activation` is one of ACTIVATIONS.
 
     Inputs may be shorter than the context (generation feeds growing prefixes).
 
@@ -147,16 +158,20 @@ def build_gpt(spec: DataSpec, *, width: int = 768, depth: int = 12, heads: int =
     (None, None, 64)
     """
     check_hyperparameters(spec, width=width, depth=depth, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout)
+    if activation not in ACTIVATIONS:
+        raise UsageError(f"gpt activation={activation!r} is not one of {list(ACTIVATIONS)}")
+    if context and context < spec.seq_len:
+        raise UsageError(f"gpt context={context} is shorter than data.seq_len={spec.seq_len}; lower data.seq_len")
     # GPT-2 scales the projections that write into the residual stream by 1/sqrt(number of them).
     output_stddev = INIT_STD / math.sqrt(2 * depth)
     tokens = keras.Input((None,), dtype=spec.input_dtype, name=spec.input_name)
     embedding = keras.layers.ReversibleEmbedding(vocabulary(spec, vocab_size), width, tie_weights=True,
                                                  embeddings_initializer=_normal(INIT_STD), name="token_embedding")
-    x = PositionEmbedding(spec.seq_len, initializer=_normal(INIT_STD), name="position_embedding")(embedding(tokens))
+    x = PositionEmbedding(context or spec.seq_len, initializer=_normal(INIT_STD), name="position_embedding")(embedding(tokens))
     x = keras.layers.Dropout(dropout)(x)
     for i in range(depth):
         x = Block(width, heads, mlp_ratio=mlp_ratio, dropout=dropout, use_bias=bias, output_stddev=output_stddev,
-                  name=f"block_{i}")(x)
+                  activation=activation, name=f"block_{i}")(x)
     x = keras.layers.LayerNormalization(epsilon=1e-5, center=bias, name="ln_f")(x)
     logits = keras.layers.Activation("linear", dtype="float32", name="logits")(embedding(x, reverse=True))
     return keras.Model(tokens, logits, name="gpt")

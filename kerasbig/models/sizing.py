@@ -141,15 +141,15 @@ def _with_defaults(name: str, kwargs: dict) -> dict:
 
 
 def _gpt(spec: DataSpec, *, width: int, depth: int, heads: int, mlp_ratio: int, dropout: float,
-         bias: bool, vocab_size: int) -> _Counts:
-    """A GPT's counts from its shapes alone."""
+         bias: bool, vocab_size: int, context: int, activation: str) -> _Counts:
+    """A GPT's counts from its shapes alone (the activation costs no matrix product)."""
     gpt.check_hyperparameters(spec, width=width, depth=depth, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout)
-    vocab, context, b = gpt.vocabulary(spec, vocab_size), spec.seq_len, int(bias)
+    vocab, table, context, b = gpt.vocabulary(spec, vocab_size), context or spec.seq_len, spec.seq_len, int(bias)
     layer_norm = (1 + b) * width  # scale, and the offset when bias=True
     attention = (3 * width * width + 3 * width * b) + (width * width + width * b)
     mlp = (mlp_ratio * width * width + mlp_ratio * width * b) + (mlp_ratio * width * width + width * b)
-    params = vocab * width + context * width + depth * (2 * layer_norm + attention + mlp) + layer_norm
-    train_per_token = 6 * (params - context * width) + 12 * depth * width * context
+    params = vocab * width + table * width + depth * (2 * layer_norm + attention + mlp) + layer_norm
+    train_per_token = 6 * (params - table * width) + 12 * depth * width * context
     per_token_layer = (8 + 2 * mlp_ratio) * width + heads * context
     return _Counts(params, params, forward_flops=train_per_token * context // 3,
                    activations=context * (depth * per_token_layer + width),  # blocks and the final LayerNorm

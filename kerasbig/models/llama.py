@@ -1,0 +1,176 @@
+"""Llama-family decoder-only language model: the architecture of Llama 2/3, Mistral-style grouped-query attention.
+
+    tokens -> token embedding -> depth x Block -> final RMSNorm -> head (untied, or the embedding transposed)
+    Block: x + attention(attn_norm(x)), then x + mlp(mlp_norm(x))
+    attention: rotary positions on queries and keys; `kv_heads` key/value heads, each shared by
+               heads / kv_heads query heads (grouped-query attention); no biases
+    mlp: down(silu(gate(x)) * up(x))   (SwiGLU)
+
+Written with `keras.layers`/`keras.ops` only, with the same stable layer names as `gpt` where the parts agree
+(`token_embedding`, `block_{i}`, `ln_f`), so sharding rules address both. It is built to take checkpoints
+(`kerasbig.pretrained`); the rotary convention is Hugging Face's (the two halves of each head rotate together).
+
+`decode` runs the same weights one new position at a time with cached keys and values, as `gpt.decode` does.
+"""
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from kerasbig.data.spec import DataSpec
+from kerasbig.errors import UsageError
+from kerasbig.models import gpt
+
+INIT_STD = 0.02
+
+
+def _dense(units: int, name: str) -> keras.layers.Dense:
+    return keras.layers.Dense(units, use_bias=False, kernel_initializer=keras.initializers.RandomNormal(stddev=INIT_STD),
+                              name=name)
+
+
+def rotate(x, start, theta: float):
+    """Rotary position embedding of [batch, length, heads, head_width] at positions start, start + 1, ...:
+    each pair (i, i + head_width / 2) turns by position * theta^(-2i / head_width)."""
+    half = x.shape[-1] // 2
+    inverse = 1.0 / theta ** (ops.arange(0, half, dtype="float32") / half)
+    positions = ops.cast(ops.arange(ops.shape(x)[1]) + start, "float32")
+    angles = ops.concatenate([positions[:, None] * inverse[None, :]] * 2, axis=-1)[None, :, None, :]
+    cos, sin = ops.cast(ops.cos(angles), x.dtype), ops.cast(ops.sin(angles), x.dtype)
+    rotated = ops.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+@keras.saving.register_keras_serializable(package="kerasbig")
+class LlamaAttention(keras.layers.Layer):
+    """Causal grouped-query self-attention with rotary positions; `call_with_cache` as in `gpt`."""
+
+    def __init__(self, width: int, heads: int, kv_heads: int, *, rope_theta: float = 10000.0, **kwargs):
+        super().__init__(**kwargs)
+        self.width, self.heads, self.kv_heads, self.rope_theta = width, heads, kv_heads, rope_theta
+        self.head_width = width // heads
+        self.query = _dense(width, "query")
+        self.key = _dense(kv_heads * self.head_width, "key")
+        self.value = _dense(kv_heads * self.head_width, "value")
+        self.out = _dense(width, "out")
+
+    def build(self, input_shape):
+        for layer in (self.query, self.key, self.value, self.out):
+            layer.build(input_shape)
+
+    def _projections(self, x, start):
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        q = ops.reshape(self.query(x), (batch, length, self.heads, self.head_width))
+        k = ops.reshape(self.key(x), (batch, length, self.kv_heads, self.head_width))
+        v = ops.reshape(self.value(x), (batch, length, self.kv_heads, self.head_width))
+        return rotate(q, start, self.rope_theta), rotate(k, start, self.rope_theta), v
+
+    def _attend(self, q, k, v, mask=None, is_causal=False):
+        groups = self.heads // self.kv_heads  # key/value head j serves query heads j * groups ... (j + 1) * groups - 1
+        k, v = ops.repeat(k, groups, axis=2), ops.repeat(v, groups, axis=2)
+        y = ops.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+        return self.out(ops.reshape(y, (ops.shape(y)[0], ops.shape(y)[1], self.width)))
+
+    def call(self, x):
+        return self._attend(*self._projections(x, 0), is_causal=True)
+
+    def call_with_cache(self, x, cache=None):
+        """Attention for new positions `x` after the cached (keys, values), which are already rotated."""
+        start = 0 if cache is None else ops.shape(cache[0])[1]
+        q, k, v = self._projections(x, start)
+        if cache is not None:
+            k, v = ops.concatenate([cache[0], k], axis=1), ops.concatenate([cache[1], v], axis=1)
+        new, total = ops.shape(q)[1], ops.shape(k)[1]
+        mask = ops.arange(total)[None, :] <= ops.arange(total - new, total)[:, None]
+        return self._attend(q, k, v, mask=mask), (k, v)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "heads": self.heads, "kv_heads": self.kv_heads,
+                "rope_theta": self.rope_theta}
+
+
+@keras.saving.register_keras_serializable(package="kerasbig")
+class LlamaBlock(keras.layers.Layer):
+    """x + attention(attn_norm(x)), then x + down(silu(gate(h)) * up(h)) with h = mlp_norm(x)."""
+
+    def __init__(self, width: int, heads: int, kv_heads: int, hidden: int, *, norm_epsilon: float = 1e-6,
+                 rope_theta: float = 10000.0, dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.width, self.heads, self.kv_heads, self.hidden = width, heads, kv_heads, hidden
+        self.norm_epsilon, self.rope_theta, self.dropout = norm_epsilon, rope_theta, dropout
+        self.attn_norm = keras.layers.RMSNormalization(epsilon=norm_epsilon, name="attn_norm")
+        self.attn = LlamaAttention(width, heads, kv_heads, rope_theta=rope_theta, name="attn")
+        self.mlp_norm = keras.layers.RMSNormalization(epsilon=norm_epsilon, name="mlp_norm")
+        self.gate, self.up, self.down = _dense(hidden, "gate"), _dense(hidden, "up"), _dense(width, "down")
+        self.residual_dropout = keras.layers.Dropout(dropout)
+
+    def build(self, input_shape):
+        for layer in (self.attn_norm, self.attn, self.mlp_norm, self.gate, self.up):
+            layer.build(input_shape)
+        self.down.build((*input_shape[:-1], self.hidden))
+
+    def _mlp(self, x, training=None):
+        h = self.mlp_norm(x)
+        return self.residual_dropout(self.down(ops.silu(self.gate(h)) * self.up(h)), training=training)
+
+    def call(self, x, training=None):
+        x = x + self.residual_dropout(self.attn(self.attn_norm(x)), training=training)
+        return x + self._mlp(x, training=training)
+
+    def call_with_cache(self, x, cache=None):
+        attended, cache = self.attn.call_with_cache(self.attn_norm(x), cache)
+        x = x + attended
+        return x + self._mlp(x), cache
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "heads": self.heads, "kv_heads": self.kv_heads,
+                "hidden": self.hidden, "norm_epsilon": self.norm_epsilon, "rope_theta": self.rope_theta,
+                "dropout": self.dropout}
+
+
+def build_llama(spec: DataSpec, *, width: int = 4096, depth: int = 32, heads: int = 32, kv_heads: int = 0,
+                hidden: int = 11008, vocab_size: int = 0, context: int = 0, norm_epsilon: float = 1e-6,
+                rope_theta: float = 10000.0, tie_embeddings: bool = False, dropout: float = 0.0) -> keras.Model:
+    """A Llama over `vocab_size` tokens (0: the data's) attending over up to `context` positions (0: the data's
+    seq_len); `kv_heads` key/value heads (0: one per query head), an MLP of `hidden` units. The defaults are
+    Llama 2 7B's shape.
+
+    >>> from kerasbig.data.spec import DataSpec
+    >>> spec = DataSpec("language_model", "tokens", (16,), "int32", 64)
+    >>> build_llama(spec, width=32, depth=2, heads=4, kv_heads=2, hidden=64).output_shape
+    (None, None, 64)
+    """
+    kv_heads = kv_heads or heads
+    gpt.check_hyperparameters(spec, width=width, depth=depth, heads=heads, mlp_ratio=1, dropout=dropout)
+    if kv_heads < 1 or heads % kv_heads:
+        raise UsageError(f"llama kv_heads={kv_heads} must divide heads={heads}")
+    if (width // heads) % 2:
+        raise UsageError(f"llama width / heads = {width // heads} must be even for rotary positions")
+    if context and context < spec.seq_len:
+        raise UsageError(f"llama context={context} is shorter than data.seq_len={spec.seq_len}; lower data.seq_len")
+    tokens = keras.Input((None,), dtype=spec.input_dtype, name=spec.input_name)
+    vocab = gpt.vocabulary(spec, vocab_size)
+    embedding = keras.layers.ReversibleEmbedding(vocab, width, tie_weights=tie_embeddings,
+                                                 embeddings_initializer=keras.initializers.RandomNormal(stddev=INIT_STD),
+                                                 name="token_embedding")
+    x = embedding(tokens)
+    for i in range(depth):
+        x = LlamaBlock(width, heads, kv_heads, hidden, norm_epsilon=norm_epsilon, rope_theta=rope_theta, dropout=dropout,
+                  name=f"block_{i}")(x)
+    x = keras.layers.RMSNormalization(epsilon=norm_epsilon, name="ln_f")(x)
+    logits = keras.layers.Activation("linear", dtype="float32", name="logits")(embedding(x, reverse=True))
+    return keras.Model(tokens, logits, name="llama")
+
+
+def decode(model: keras.Model, tokens, cache: list | None = None):
+    """`gpt.decode` for a built Llama: logits of the last new position [batch, vocab] and the extended cache."""
+    blocks = [layer for layer in model.layers if isinstance(layer, LlamaBlock)]
+    cache = cache or [None] * len(blocks)
+    embedding = model.get_layer("token_embedding")
+    x = embedding(tokens)
+    new_cache = []
+    for block, block_cache in zip(blocks, cache):
+        x, block_cache = block.call_with_cache(x, block_cache)
+        new_cache.append(block_cache)
+    logits = embedding(model.get_layer("ln_f")(x[:, -1]), reverse=True)
+    return ops.cast(logits, "float32"), new_cache
