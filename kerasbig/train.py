@@ -18,7 +18,7 @@ import tensorflow as tf
 from absl import flags, logging
 from ml_collections import config_flags
 
-from kerasbig import checkpoint, cli, config as config_lib, data, distribute, evaluation, export, models
+from kerasbig import checkpoint, cli, config as config_lib, data, distribute, evaluation, export, lora, models
 from kerasbig.callbacks import (Dashboard, EarlyStopping, LearningRateScheduler, ProfileSteps, Throughput,
                                 WarmupDecay, peak_flops_per_device)
 from kerasbig.data.spec import LANGUAGE_MODEL
@@ -142,6 +142,8 @@ def run() -> None:
     if FLAGS.mode == "dry_run":
         print(f"{name}: {strategy.num_replicas_in_sync} replica(s), global batch {config.data.batch_size}, "
               f"{config.optimizer.accumulation_steps} accumulation step(s)\n{estimate.format()}")
+        if lora.split(config.model)[1].enabled:
+            print(f"with LoRA: {lora_summary(config, task.spec)}")
         return
 
     with strategy.scope():
@@ -158,7 +160,7 @@ def run() -> None:
         if task.tokenizer is not None and task.tokenizer.model:  # the run's own tokenizer, beside its checkpoints
             write_atomically(workdir / "tokenizer.model", task.tokenizer.model)
     print(f"Strategy {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
-          f"model {model.name} with {model.count_params():,} parameters; "
+          f"model {model.name}: {lora.describe(model, sizing.OPTIMIZER_SLOTS[config.optimizer.name])}; "
           f"{task.num_examples['train']} training examples")
 
     trainer = Trainer(model, optimizer, task, strategy, config, workdir, is_chief=chief, seed=FLAGS.seed)
@@ -194,12 +196,21 @@ def run() -> None:
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         record = {"config": config_lib.to_dict(config), "config_name": name, "metrics": metrics,
                   "step": int(optimizer.iterations.numpy()), "mixed_precision": FLAGS.mixed_precision}
+        model = lora.merged(model)  # adapters folded into the kernels: no LoRA variables in the SavedModel
         path = export.export(model, task, base=export_base, name=export_name, record=record,
                              stable_label=config.export.stable_label)
         print(f"SavedModel: {path}  (verified in a fresh process; serve with TF Serving or python -m kerasbig.serve)")
         if config.export.quantize:
             export_quantized(model, task, float_version=path, record=record, base=export_base, name=export_name,
                              mode=config.export.quantize, stable_label=config.export.stable_label)
+
+
+def lora_summary(config, spec) -> str:
+    """Trainable and total parameters and optimizer state of the LoRA model `config` describes, sized from
+    variables that are never allocated (a dry run of a model too large for this machine)."""
+    with keras.StatelessScope(initialize_variables=False):
+        model = models.build(spec, config.model)
+    return lora.describe(model, sizing.OPTIMIZER_SLOTS[config.optimizer.name])
 
 
 def check_resumable(workdir: pathlib.Path, config, seed: int) -> None:

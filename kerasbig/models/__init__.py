@@ -10,6 +10,7 @@ import inspect
 
 import keras
 
+from kerasbig import lora
 from kerasbig.data.spec import DataSpec
 from kerasbig.errors import UsageError
 from kerasbig.models.cnn import build_cnn
@@ -30,8 +31,9 @@ BUILDERS = {
 
 
 def hyperparameters(model_config) -> tuple[str, dict]:
-    """Splits `config.model` into the builder name and its keyword arguments, rejecting unknown keys."""
-    kwargs = dict(model_config)
+    """Splits `config.model` into the builder name and its keyword arguments (without the LoRA keys, which
+    `build` applies), rejecting unknown keys."""
+    kwargs, _ = lora.split(model_config)
     name = kwargs.pop("name")
     if name not in BUILDERS:
         raise UsageError(f"config.model.name={name!r} is not a model builder; choose one of {sorted(BUILDERS)}")
@@ -44,6 +46,8 @@ def hyperparameters(model_config) -> tuple[str, dict]:
 
 
 def build(spec: DataSpec, model_config) -> keras.Model:
-    """Builds the model `model_config` names for data shaped by `spec`."""
+    """Builds the model `model_config` names for data shaped by `spec`, with LoRA adapters when it asks."""
     name, kwargs = hyperparameters(model_config)
-    return BUILDERS[name](spec, **kwargs)
+    model = BUILDERS[name](spec, **kwargs)
+    lora.apply(model, lora.split(model_config)[1])
+    return model
