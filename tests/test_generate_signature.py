@@ -65,7 +65,7 @@ def test_served_generate_signature_answers_what_kerasbig_generate_prints(tmp_pat
     assert count == 12 and len(tokens) == 12
     assert json.loads(client.stdout) == sampled["outputs"]
     printed = _printed(workdir, "--max_new_tokens=12", "--temperature=0.9", "--top_k=20", "--top_p=0.95", "--seed=5")
-    assert printed == PROMPT + text.decode(tokens)
+    assert printed == PROMPT + text.decode(tokens), (list(printed.encode()), tokens)
     # A batch of padded prompts: each row is what that prompt generates alone.
     assert greedy["outputs"]["count"] == [12, 12]
     for row, prompt_text in enumerate((PROMPT, PROMPT[:6])):
