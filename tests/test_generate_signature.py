@@ -26,10 +26,12 @@ def test_unservable_ops_are_named():
 
 
 def _request(prompts: list[list[int]], **settings) -> dict:
+    # top_p is not a multiple of 1/top_k: a barely trained model's top 20 are near-uniform, and a top_p on one of
+    # their cumulative steps would leave the cut to the last bit of a float, which graphs may round differently.
     lengths = [len(p) for p in prompts]
     tokens = [p + [0] * (max(lengths) - len(p)) for p in prompts]
     inputs = {"tokens": tokens, "lengths": lengths, "max_new_tokens": 12, "temperature": 0.9, "top_k": 20,
-              "top_p": 0.95, "seed": 5, "end_token": -1, **settings}
+              "top_p": 0.83, "seed": 5, "end_token": -1, **settings}
     return {"signature_name": "generate", "inputs": inputs}
 
 
@@ -64,7 +66,7 @@ def test_served_generate_signature_answers_what_kerasbig_generate_prints(tmp_pat
     tokens, count = sampled["outputs"]["tokens"][0], sampled["outputs"]["count"][0]
     assert count == 12 and len(tokens) == 12
     assert json.loads(client.stdout) == sampled["outputs"]
-    printed = _printed(workdir, "--max_new_tokens=12", "--temperature=0.9", "--top_k=20", "--top_p=0.95", "--seed=5")
+    printed = _printed(workdir, "--max_new_tokens=12", "--temperature=0.9", "--top_k=20", "--top_p=0.83", "--seed=5")
     assert printed == PROMPT + text.decode(tokens), (list(printed.encode()), tokens)
     # A batch of padded prompts: each row is what that prompt generates alone.
     assert greedy["outputs"]["count"] == [12, 12]
