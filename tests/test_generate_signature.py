@@ -35,6 +35,11 @@ def _request(prompts: list[list[int]], **settings) -> dict:
     return {"signature_name": "generate", "inputs": inputs}
 
 
+def _as_printed(generated: str) -> str:
+    """`generated` as a text-mode pipe reads it back: universal newlines turn a generated \\r into \\n."""
+    return generated.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _printed(workdir, *flags, prompt: str = PROMPT) -> str:
     """The text `python -m kerasbig.generate` prints after its header line."""
     stdout = kerasbig("generate", f"--workdir={workdir}", f"--prompt={prompt}", *flags).stdout
@@ -67,11 +72,11 @@ def test_served_generate_signature_answers_what_kerasbig_generate_prints(tmp_pat
     assert count == 12 and len(tokens) == 12
     assert json.loads(client.stdout) == sampled["outputs"]
     printed = _printed(workdir, "--max_new_tokens=12", "--temperature=0.9", "--top_k=20", "--top_p=0.83", "--seed=5")
-    assert printed == PROMPT + text.decode(tokens), (list(printed.encode()), tokens)
+    assert printed == _as_printed(PROMPT + text.decode(tokens)), (list(printed.encode()), tokens)
     # A batch of padded prompts: each row is what that prompt generates alone.
     assert greedy["outputs"]["count"] == [12, 12]
     for row, prompt_text in enumerate((PROMPT, PROMPT[:6])):
         alone = _printed(workdir, "--max_new_tokens=12", "--temperature=0", prompt=prompt_text)
-        assert alone == prompt_text + text.decode(greedy["outputs"]["tokens"][row])
+        assert alone == _as_printed(prompt_text + text.decode(greedy["outputs"]["tokens"][row]))
     assert refused[0] == 400 and "top_p must be in (0, 1]" in refused[1]["error"]
     assert too_long[0] == 400 and "longer than the context of the model (32)" in too_long[1]["error"]
