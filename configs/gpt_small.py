@@ -3,6 +3,7 @@
     python -m kerasbig.train --config=configs/gpt_small.py
     python -m kerasbig.generate --workdir=logs/gpt_small --prompt="The for statement"
 """
+from kerasbig import lora
 from kerasbig.config import base
 
 
@@ -13,7 +14,8 @@ def get_config():
     config.data.seq_len = 128
     config.data.batch_size = 32
     config.data.eval_batch_size = 64
-    config.model = dict(name="gpt", width=128, depth=4, heads=4, mlp_ratio=4, dropout=0.1, bias=True)
+    config.model = dict(name="gpt", width=128, depth=4, heads=4, mlp_ratio=4, dropout=0.1, bias=True,
+                        **lora.DEFAULTS)
     config.optimizer.learning_rate = 3e-3
     config.optimizer.weight_decay = 0.1
     config.optimizer.clip_norm = 1.0

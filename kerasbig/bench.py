@@ -8,7 +8,8 @@ times steps per second.
 
     python -m kerasbig.bench                       # all cases, table on stdout
     python -m kerasbig.bench --cases=gpt_small --output=docs/benchmark.md
-    python -m kerasbig.bench --suite=generation    # time per generated token, cached keys/values vs recomputing
+    python -m kerasbig.bench --suite=generation    # generated tokens/s, the compiled cache vs recomputing
+    python -m kerasbig.bench --suite=lora          # LoRA against full fine-tuning of gpt_small
     python -m kerasbig.bench --suite=cpu           # kerasbig's loop against model.fit and the bare step
 """
 from __future__ import annotations
@@ -50,14 +51,14 @@ CASES = {case.name: case for case in [
     Case("gpt_small_bf16", "gpt_small", ("--mixed_precision=mixed_bfloat16",), steps=60),
 ]}
 
-SUITES = ("train", "cpu", "generation")
+SUITES = ("train", "cpu", "generation", "lora")
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     flags.DEFINE_enum("suite", "train", SUITES, "train: throughput of the training cases through the real command; "
                       "cpu: kerasbig's loop side by side with model.fit and the bare step; generation: the decoding "
-                      "cache.")
+                      "cache; lora: LoRA against full fine-tuning.")
     flags.DEFINE_list("cases", None, f"Cases to run (default all): train {', '.join(CASES)}; cpu "
                       f"{', '.join(bench_loop.LOOP_CASES)}.")
     flags.DEFINE_integer("repeats", 3, "cpu suite: interleaved repeats of each variant.", lower_bound=1)
@@ -90,36 +91,73 @@ def run_case(case: Case) -> dict:
             "wall (s)": seconds, "steps": case.steps}
 
 
-def seconds_per_token(model, *, context: int, new_tokens: int, use_cache: bool) -> float:
-    """Greedy decoding time per token after a `context`-token prompt, not counting reading the prompt. The
-    model's context must hold `context + new_tokens + 1` positions so that no run re-encodes a full window."""
-    from kerasbig.generation import generate
+def tokens_per_second(model, *, batch: int, prompt: int, new_tokens: int, use_cache: bool) -> float:
+    """Sampled tokens per second of the compiled generation loop (the SavedModel's `generate`) for `batch`
+    prompts of `prompt` tokens, not counting reading the prompts: (time for new_tokens + 1 tokens - time for
+    one) per generated token; the graph is traced before timing."""
+    import tensorflow as tf  # noqa: PLC0415
 
-    prompt = np.random.default_rng(0).integers(model.output_shape[-1], size=context).tolist()
+    from kerasbig import generation  # noqa: PLC0415
+
+    tokens = np.random.default_rng(0).integers(model.output_shape[-1], size=(batch, prompt)).astype(np.int32)
+    family = generation.decoder_for(model, use_cache)
 
     def elapsed(count: int) -> float:
         start = time.perf_counter()
-        generate(model, prompt, count, temperature=0, use_cache=use_cache)
+        generation._compiled(model, family, tf.constant(tokens), tf.fill([batch], prompt), tf.constant(count),
+                             tf.constant(0.8), tf.constant(40), tf.constant(1.0), tf.constant(0, tf.int64),
+                             tf.constant(generation.NO_END_TOKEN))["count"].numpy()
         return time.perf_counter() - start
 
-    elapsed(3)  # warm up: the first steps trace the graphs (a cache that grows each step, after two)
-    return (elapsed(new_tokens + 1) - elapsed(1)) / new_tokens
+    elapsed(2)
+    return batch * new_tokens / (elapsed(new_tokens + 1) - elapsed(1))
 
 
-def generation_rows(new_tokens: int = 16) -> list[dict]:
-    """Milliseconds per generated token with the key/value cache and by recomputing the whole window."""
-    from kerasbig.data.spec import DataSpec
-    from kerasbig.models.gpt import build_gpt
+def generation_rows(new_tokens: int = 32, prompt: int = 128) -> list[dict]:
+    """Generated tokens/s at batch 1 and 8, with the preallocated key/value cache and by recomputing the
+    whole prefix at every step, for two GPT sizes with a 512-token context."""
+    from kerasbig.data.spec import DataSpec  # noqa: PLC0415
+    from kerasbig.models.gpt import build_gpt  # noqa: PLC0415
 
     rows = []
-    for width, depth, context in ((64, 2, 512), (256, 4, 512)):
-        spec = DataSpec("language_model", "tokens", (context + new_tokens + 1,), "int32", 256)
-        model = build_gpt(spec, width=width, depth=depth, heads=4)
-        cached, recomputed = (seconds_per_token(model, context=context, new_tokens=new_tokens, use_cache=use_cache)
-                              for use_cache in (True, False))
-        rows.append({"model": f"gpt width {width}, depth {depth}", "context": context,
-                     "cached (ms/token)": cached * 1e3, "recomputed (ms/token)": recomputed * 1e3,
-                     "speed-up": recomputed / cached})
+    for width, depth in ((64, 2), (256, 4)):
+        model = build_gpt(DataSpec("language_model", "tokens", (512,), "int32", 256), width=width, depth=depth,
+                          heads=4)
+        for batch in (1, 8):
+            cached, recomputed = (tokens_per_second(model, batch=batch, prompt=prompt, new_tokens=new_tokens,
+                                                    use_cache=use_cache) for use_cache in (True, False))
+            rows.append({"model": f"gpt width {width}, depth {depth}", "batch": batch,
+                         "compiled cache (tokens/s)": cached, "recompute (tokens/s)": recomputed,
+                         "speed-up": cached / recomputed})
+    return rows
+
+
+LORA_CASES = (Case("full fine-tuning", "gpt_small", steps=60),
+              Case("LoRA rank 8", "gpt_small", ("--config.model.lora_rank=8",), steps=60))
+
+
+def lora_rows() -> list[dict]:
+    """gpt_small trained in full and with LoRA through the real command: trainable parameters, optimizer
+    state, step time and the process's peak memory."""
+    import importlib.util  # noqa: PLC0415
+
+    from kerasbig import lora, models  # noqa: PLC0415
+    from kerasbig.data.spec import DataSpec  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("gpt_small", REPO / "configs" / "gpt_small.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    rows = []
+    for case in LORA_CASES:
+        model_config = {**config.model, "lora_rank": 8 if case.overrides else 0}
+        model = models.build(DataSpec("language_model", "tokens", (config.data.seq_len,), "int32", 256), model_config)
+        trainable, total = lora.counts(model)
+        result = run_case(case)
+        rows.append({"case": case.name, "trainable params": f"{trainable:,} of {total:,}",
+                     "Adam state (KiB)": 8 * trainable / 1024,
+                     "step (ms)": 1e3 * config.data.batch_size / result["examples/s"],
+                     "peak RSS (GiB)": result["peak RSS (GiB)"]})
     return rows
 
 
@@ -141,6 +179,8 @@ def main() -> None:
         raise UsageError(f"--cases: unknown {unknown}; choose from {list(known)}")
     if FLAGS.suite == "generation":
         rows = generation_rows()
+    elif FLAGS.suite == "lora":
+        rows = lora_rows()
     elif FLAGS.suite == "cpu":
         rows = bench_loop.suite(FLAGS.cases or list(bench_loop.LOOP_CASES), repeats=FLAGS.repeats)
     else:

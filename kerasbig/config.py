@@ -13,6 +13,7 @@ import pathlib
 
 import ml_collections
 
+from kerasbig import lora
 from kerasbig.callbacks.lr_schedule import DECAYS
 from kerasbig.data.corpus import parse_tokenizer
 from kerasbig.errors import UsageError
@@ -221,7 +222,7 @@ def gpt_pretraining(size: str) -> ml_collections.ConfigDict:
     config.data.batch_size = 512
     config.data.eval_batch_size = 64
     config.model = dict(name="gpt", width=width, depth=depth, heads=heads, mlp_ratio=4, dropout=0.0, bias=True,
-                        vocab_size=vocab)
+                        vocab_size=vocab, **lora.DEFAULTS)
     config.optimizer.learning_rate = 3e-4 if big else 6e-4
     config.optimizer.weight_decay = 0.1
     config.optimizer.clip_norm = 1.0

@@ -6,7 +6,9 @@ fresh process, and only then renamed into place, so TF Serving never sees half a
 `saved_models/models.config` (TF Serving's `--model_config_file`) is rewritten atomically after each export.
 
 Verification entry point (run by `export` itself): `python -m kerasbig.export SAVED_MODEL_DIR SAMPLES.npz PARENT_PID`.
-Classifiers answer `probabilities`, `classes` and, when the data names its classes, `class_names`.
+Classifiers answer `probabilities`, `classes` and, when the data names its classes, `class_names`; language
+models answer next-token `logits` and have a `generate` signature too (`kerasbig.generation`). Every graph is
+kept to ops that TF Serving registers (`unservable_ops`).
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 from google.protobuf import text_format
+from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from kerasbig import versions
-from kerasbig.data.spec import CLASSIFICATION, Task
+from kerasbig import generation, versions
+from kerasbig.data.spec import CLASSIFICATION, LANGUAGE_MODEL, Task
 from kerasbig.errors import RunError
 from kerasbig.files import locked, remove_temporaries, write_atomically
 
@@ -58,8 +61,30 @@ def serving_functions(model: keras.Model, task: Task) -> dict[str, tf.types.expe
 
     raw = signature(task.serving_input)
     if task.encoded is None:
-        return {"serving_default": raw}
-    return {"serving_default": signature(task.encoded.spec, task.encoded.decode), task.serving_input.name: raw}
+        functions = {"serving_default": raw}
+    else:
+        functions = {"serving_default": signature(task.encoded.spec, task.encoded.decode), task.serving_input.name: raw}
+    if task.spec.kind == LANGUAGE_MODEL:
+        functions[generation.GENERATE] = generation.signature(model)
+    return functions
+
+
+def graph_ops(directory: pathlib.Path) -> set[str]:
+    """The op types of a SavedModel's graphs, those inside its functions included."""
+    saved_model = saved_model_pb2.SavedModel.FromString((directory / "saved_model.pb").read_bytes())
+    ops = set()
+    for graph in (meta.graph_def for meta in saved_model.meta_graphs):
+        functions = {function.signature.name for function in graph.library.function}
+        nodes = [*graph.node, *(node for function in graph.library.function for node in function.node_def)]
+        ops |= {node.op for node in nodes if node.op not in functions}  # a call of a function is not an op
+    return ops
+
+
+def unservable_ops(ops: set[str]) -> list[str]:
+    """The ops of `ops` that TF Serving may lack: any that core TensorFlow does not register itself (TF Text's
+    and other libraries' custom ops; stock TF Serving embeds TF Text 2.12.1 only, tensorflow/serving#4057) and
+    the XLA-only ones (`Xla*`, e.g. the `slice_update` of Keras's TensorFlow backend)."""
+    return sorted(op for op in ops if not hasattr(tf.raw_ops, op) or op.startswith("Xla"))
 
 
 def next_version(base: pathlib.Path) -> int:
@@ -189,10 +214,14 @@ def _write_version(model: keras.Model, task: Task, model_base: pathlib.Path, nam
         for signature_name, function in functions.items():
             archive.add_endpoint(signature_name, function)
         archive.write_out(str(tmp), verbose=False)
+        unservable = unservable_ops(graph_ops(tmp))
+        if unservable:
+            raise RunError(f"the SavedModel would use ops that TF Serving does not register: {unservable}")
         cases = {}
         for signature_name, function in functions.items():
             spec = function.input_signature[0]
-            samples = sample_inputs(task, encoded=signature_name == "serving_default")
+            samples = (generation.sample_request(task) if signature_name == generation.GENERATE
+                       else sample_inputs(task, encoded=signature_name == "serving_default"))
             expected = {k: v.numpy() for k, v in function(tf.nest.map_structure(tf.constant, samples)).items()}
             cases[signature_name] = (_named(spec, samples), expected)
         extra = tmp / "assets.extra"

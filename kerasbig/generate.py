@@ -2,7 +2,8 @@
 
     python -m kerasbig.generate --workdir=logs/gpt_small --prompt="The with statement" --max_new_tokens=300
 
-Keys and values (or RNN states) are cached, so each new token costs one position, not the whole context.
+It runs the same compiled loop as the SavedModel's `generate` signature (`kerasbig.generation`), so for the same
+prompt, settings and seed it prints the tokens that TF Serving or `kerasbig.serve` answers.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_new_tokens", 200, "How many tokens to generate.")
     flags.DEFINE_float("temperature", 0.8, "0 is greedy; higher is more random.")
     flags.DEFINE_integer("top_k", 40, "Sample from the k most likely tokens only (0: all).")
+    flags.DEFINE_float("top_p", 1.0, "Sample from the most likely tokens whose probability reaches p (1: all).")
     flags.DEFINE_integer("seed", 0, "The same seed draws the same text.")
 
 
@@ -55,7 +57,7 @@ def main() -> None:
     tokenizer = task.tokenizer  # the corpus' trained tokenizer; None for bytes
     prompt = tokenizer.encode(FLAGS.prompt) if tokenizer else text.encode(FLAGS.prompt)
     tokens = generate(model, prompt, FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                      top_k=FLAGS.top_k or None, seed=FLAGS.seed)
+                      top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
     print(f"[{model.name} at step {step}]")
     print(FLAGS.prompt + (tokenizer.decode(tokens) if tokenizer else text.decode(tokens)))
 

@@ -18,7 +18,8 @@ import tensorflow as tf
 from absl import flags, logging
 from ml_collections import config_flags
 
-from kerasbig import checkpoint, cli, config as config_lib, data, distribute, evaluation, export, models, pretrained
+from kerasbig import (checkpoint, cli, config as config_lib, data, distribute, evaluation, export, lora, models,
+                      pretrained)
 from kerasbig.callbacks import (Dashboard, EarlyStopping, LearningRateScheduler, ProfileSteps, Throughput,
                                 WarmupDecay, peak_flops_per_device)
 from kerasbig.data.spec import LANGUAGE_MODEL
@@ -150,12 +151,13 @@ def run() -> None:
     if FLAGS.mode == "dry_run":
         print(f"{name}: {strategy.num_replicas_in_sync} replica(s), global batch {config.data.batch_size}, "
               f"{config.optimizer.accumulation_steps} accumulation step(s)\n{estimate.format()}")
+        if lora.split(config.model)[1].enabled:
+            print(f"with LoRA: {lora_summary(config, task.spec)}")
         return
 
     with strategy.scope():
-        model = models.build(task.spec, config.model)
-        if config.model.get("init_from"):  # a resumed run then restores its own checkpoint over these
-            pretrained.load_weights(model, config.model)
+        # A resumed run then restores its own checkpoint over the pretrained weights.
+        model = models.build(task.spec, config.model, load_pretrained=True)
         optimizer = make_optimizer(config, FLAGS.mixed_precision, model)
     check_resumable(workdir, config, FLAGS.seed)
     if chief:
@@ -168,7 +170,7 @@ def run() -> None:
         for file_name, content in (task.tokenizer.files if task.tokenizer else {}).items():
             write_atomically(workdir / file_name, content)  # the run's own tokenizer, beside its checkpoints
     print(f"Strategy {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
-          f"model {model.name} with {model.count_params():,} parameters; "
+          f"model {model.name}: {lora.describe(model, sizing.OPTIMIZER_SLOTS[config.optimizer.name])}; "
           f"{task.num_examples['train']} training examples")
 
     trainer = Trainer(model, optimizer, task, strategy, config, workdir, is_chief=chief, seed=FLAGS.seed)
@@ -209,12 +211,21 @@ def run() -> None:
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         record = {"config": config_lib.to_dict(config), "config_name": name, "metrics": metrics,
                   "step": int(optimizer.iterations.numpy()), "mixed_precision": FLAGS.mixed_precision}
+        model = lora.merged(model)  # adapters folded into the kernels: no LoRA variables in the SavedModel
         path = export.export(model, task, base=export_base, name=export_name, record=record,
                              stable_label=config.export.stable_label)
         print(f"SavedModel: {path}  (verified in a fresh process; serve with TF Serving or python -m kerasbig.serve)")
         if config.export.quantize:
             export_quantized(model, task, float_version=path, record=record, base=export_base, name=export_name,
                              mode=config.export.quantize, stable_label=config.export.stable_label)
+
+
+def lora_summary(config, spec) -> str:
+    """Trainable and total parameters and optimizer state of the LoRA model `config` describes, sized from
+    variables that are never allocated (a dry run of a model too large for this machine)."""
+    with keras.StatelessScope(initialize_variables=False):
+        model = models.build(spec, config.model)
+    return lora.describe(model, sizing.OPTIMIZER_SLOTS[config.optimizer.name])
 
 
 def check_resumable(workdir: pathlib.Path, config, seed: int) -> None:

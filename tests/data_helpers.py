@@ -8,11 +8,9 @@ import sys
 import urllib.request
 
 import ml_collections
-from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow.python.framework import op_def_registry
 
 from conftest import REPO, kerasbig, stop
-from kerasbig import config as config_lib
+from kerasbig import config as config_lib, export
 from kerasbig.data import text
 
 
@@ -61,10 +59,8 @@ def post(url: str, body: dict) -> dict:
 def assert_core_ops(version: pathlib.Path) -> None:
     """Every op in the SavedModel's graph is registered by core TensorFlow (no TF Text or custom ops), so the
     stock TF Serving image loads it."""
-    graph = saved_model_pb2.SavedModel.FromString((version / "saved_model.pb").read_bytes()).meta_graphs[0].graph_def
-    functions = {f.signature.name for f in graph.library.function}
-    ops = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
-    assert ops - functions and not {op for op in ops - functions if op_def_registry.get(op) is None}
+    ops = export.graph_ops(version)
+    assert ops and export.unservable_ops(ops) == []
 
 
 def assert_bad_data(*args: str, workdir: pathlib.Path, names: str) -> None:

@@ -1,12 +1,15 @@
-"""Generation: the cached decoders agree with running the whole model, sampling is seeded, bad prompts fail."""
+"""Generation: the compiled loop over the preallocated cache agrees with running the whole model, for batches of
+padded prompts too; sampling is seeded, stops at the end token; bad prompts fail."""
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from kerasbig import generation
 from kerasbig.data.spec import DataSpec
 from kerasbig.errors import UsageError
 from kerasbig.generation import generate
-from kerasbig.models.gpt import build_gpt, decode
+from kerasbig.models.gpt import build_gpt, decode, empty_cache
 from kerasbig.models.rnn import build_rnn
 from kerasbig.models.transformer import build_transformer
 
@@ -19,7 +22,11 @@ TEXT = DataSpec("classification", "tokens", (8,), "int32", 2)
 @pytest.fixture(scope="module")
 def gpt():
     keras.utils.set_random_seed(0)
-    return build_gpt(LM, width=32, depth=2, heads=4)
+    model = build_gpt(LM, width=32, depth=2, heads=4)
+    rng = np.random.default_rng(0)  # weights larger than GPT-2's init, so greedy decoding does not repeat one token
+    for variable in model.weights:
+        variable.assign(variable + rng.normal(0, 1.0, variable.shape).astype("float32"))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +47,54 @@ def _greedy_by_recomputing(model, prompt, new_tokens, context=None):
 def test_gpt_decode_matches_the_full_model_at_every_position(gpt):
     tokens = np.array([PROMPT + [7, 8, 9, 10]])
     full = gpt(tokens).numpy()
-    logits, cache = decode(gpt, tokens[:, :len(PROMPT)])
-    np.testing.assert_allclose(logits, full[:, len(PROMPT) - 1], atol=1e-5)
+    logits, cache = decode(gpt, tokens[:, :len(PROMPT)], empty_cache(gpt, 1, CONTEXT), 0)
+    np.testing.assert_allclose(logits, full[:, :len(PROMPT)], rtol=1e-5, atol=1e-4)
     for position in range(len(PROMPT), tokens.shape[1]):
-        logits, cache = decode(gpt, tokens[:, position:position + 1], cache)
-        np.testing.assert_allclose(logits, full[:, position], atol=1e-5)
+        logits, cache = decode(gpt, tokens[:, position:position + 1], cache, position)
+        np.testing.assert_allclose(logits[:, 0], full[:, position], rtol=1e-5, atol=1e-4)
+    assert [tuple(k.shape) for k, _ in cache] == [(1, CONTEXT, 4, 8)] * 2  # preallocated: it never grew
 
 
-def test_gpt_greedy_with_cache_equals_recomputing(gpt):
-    # 8 prompt tokens + 20 new ones run past the 16-token context, so the window slides too.
-    expected = _greedy_by_recomputing(gpt, PROMPT, 20, context=CONTEXT)
-    assert generate(gpt, PROMPT, 20, temperature=0) == expected
+def test_gpt_greedy_with_cache_equals_recomputing_and_stops_at_the_context(gpt):
+    expected = _greedy_by_recomputing(gpt, PROMPT, CONTEXT - len(PROMPT))
+    assert len(set(expected)) > 2
+    assert generate(gpt, PROMPT, 20, temperature=0) == expected  # 8 + 20 > 16: stops at the context
     assert generate(gpt, PROMPT, 20, temperature=0, use_cache=False) == expected
+
+
+def _generate_batch(model, prompts, max_new_tokens, **settings):
+    settings = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "end_token": -1, **settings}
+    padded = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
+    for row, prompt in enumerate(prompts):
+        padded[row, :len(prompt)] = prompt
+    inputs = {"tokens": padded, "lengths": np.array([len(p) for p in prompts], np.int32),
+              "max_new_tokens": max_new_tokens, **settings}
+    specs = generation.input_signature()
+    out = generation.signature(model)({k: tf.constant(v, specs[k].dtype) for k, v in inputs.items()})
+    return [row[:count].tolist() for row, count in zip(out["tokens"].numpy(), out["count"].numpy())]
+
+
+def test_padded_batches_generate_what_each_prompt_generates_alone(gpt):
+    prompts = [PROMPT[:3], PROMPT, PROMPT[2:7]]
+    assert _generate_batch(gpt, prompts, 6) == [_greedy_by_recomputing(gpt, p, 6) for p in prompts]
+
+
+def test_end_token_stops_each_row_and_counts_it(gpt):
+    prompts = [PROMPT[:3], PROMPT]
+    first = [_greedy_by_recomputing(gpt, p, 1)[0] for p in prompts]
+    greedy = _generate_batch(gpt, prompts, 6)
+    stopped = _generate_batch(gpt, prompts, 6, end_token=first[0])
+    assert stopped[0] == [first[0]]
+    cut = greedy[1].index(first[0]) + 1 if first[0] in greedy[1] else 6
+    assert stopped[1] == greedy[1][:cut]
+
+
+def test_the_loop_is_traced_once_for_any_settings(gpt):
+    function = generation.signature(gpt)
+    for new_tokens, seed in ((3, 0), (7, 1), (0, 2)):
+        _generate_batch(gpt, [PROMPT], new_tokens, seed=seed, temperature=0.7)
+    assert function.experimental_get_tracing_count() <= 1
+    assert _generate_batch(gpt, [PROMPT], 0) == [[]]
 
 
 def test_rnn_greedy_with_states_equals_recomputing(rnn):
@@ -60,12 +103,22 @@ def test_rnn_greedy_with_states_equals_recomputing(rnn):
     assert generate(rnn, PROMPT, 20, temperature=0, use_cache=False) == expected
 
 
-def test_sampling_is_seeded_and_top_k_1_is_greedy(gpt):
-    sampled = generate(gpt, PROMPT, 12, temperature=1.5, seed=1)
-    assert sampled == generate(gpt, PROMPT, 12, temperature=1.5, seed=1)
-    assert sampled != generate(gpt, PROMPT, 12, temperature=1.5, seed=2)
+def test_sampling_is_seeded_and_top_k_1_or_tiny_top_p_is_greedy(gpt):
+    sampled = generate(gpt, PROMPT, 8, temperature=1.5, seed=1)
+    assert sampled == generate(gpt, PROMPT, 8, temperature=1.5, seed=1)
+    assert sampled != generate(gpt, PROMPT, 8, temperature=1.5, seed=2)
     assert all(0 <= token < VOCAB for token in sampled)
-    assert generate(gpt, PROMPT, 12, top_k=1, seed=3) == generate(gpt, PROMPT, 12, temperature=0)
+    greedy = generate(gpt, PROMPT, 8, temperature=0)
+    assert generate(gpt, PROMPT, 8, top_k=1, seed=3) == greedy
+    assert generate(gpt, PROMPT, 8, top_p=1e-6, seed=3) == greedy
+
+
+def test_top_p_draws_only_from_the_nucleus(gpt):
+    probabilities = tf.nn.softmax(gpt(np.array([PROMPT]))[0, -1]).numpy()
+    order = np.argsort(probabilities)[::-1]
+    nucleus = set(order[:np.searchsorted(np.cumsum(probabilities[order]), 0.6) + 1].tolist())
+    draws = {generate(gpt, PROMPT, 1, top_p=0.6, seed=seed)[0] for seed in range(30)}
+    assert draws <= nucleus and len(nucleus) < VOCAB
 
 
 def test_top_k_draws_only_from_the_k_most_likely(gpt):

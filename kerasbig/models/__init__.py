@@ -10,6 +10,7 @@ import inspect
 
 import keras
 
+from kerasbig import lora
 from kerasbig.data.spec import DataSpec
 from kerasbig.errors import UsageError
 from kerasbig.models.cnn import build_cnn
@@ -32,12 +33,14 @@ BUILDERS = {
 
 
 def hyperparameters(model_config) -> tuple[str, dict]:
-    """Splits `config.model` into the builder name and its keyword arguments, rejecting unknown keys."""
-    kwargs = dict(model_config)
-    if kwargs.pop("init_from", ""):  # the architecture of a checkpoint
-        from kerasbig import pretrained
-        name, kwargs = pretrained.hyperparameters(dict(model_config))
+    """Splits `config.model` into the builder name and its keyword arguments (without the LoRA keys, which
+    `build` applies), rejecting unknown keys; with `init_from`, the architecture is the checkpoint's."""
+    kwargs, _ = lora.split(model_config)
+    if kwargs.get("init_from"):
+        from kerasbig import pretrained  # it reads checkpoints with these builders
+        name, kwargs = pretrained.hyperparameters(kwargs)
     else:
+        kwargs.pop("init_from", None)
         name = kwargs.pop("name")
     if name not in BUILDERS:
         raise UsageError(f"config.model.name={name!r} is not a model builder; choose one of {sorted(BUILDERS)}")
@@ -49,7 +52,15 @@ def hyperparameters(model_config) -> tuple[str, dict]:
     return name, kwargs
 
 
-def build(spec: DataSpec, model_config) -> keras.Model:
-    """Builds the model `model_config` names for data shaped by `spec`."""
+def build(spec: DataSpec, model_config, *, load_pretrained: bool = False) -> keras.Model:
+    """Builds the model `model_config` names for data shaped by `spec`, with LoRA adapters when it asks.
+
+    `load_pretrained`: first put in the weights of `model_config.init_from` (a run starting from a checkpoint;
+    the adapters then start from zero on top of them)."""
     name, kwargs = hyperparameters(model_config)
-    return BUILDERS[name](spec, **kwargs)
+    model = BUILDERS[name](spec, **kwargs)
+    if load_pretrained and model_config.get("init_from"):
+        from kerasbig import pretrained
+        pretrained.load_weights(model, model_config)
+    lora.apply(model, lora.split(model_config)[1])
+    return model

@@ -6,7 +6,8 @@
 The output head is the token embedding matrix transposed (weight tying), so parameter counts match GPT-2:
 124,439,808 for width 768, depth 12, heads 12, vocabulary 50257 and context 1024.
 
-`decode` runs the same weights one new position at a time with cached keys and values; generation uses it.
+`decode` runs the same weights on new positions only, writing their keys and values into a preallocated cache
+(`empty_cache`: fixed shapes, so a compiled generation loop never grows a tensor); generation uses it.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class CausalSelfAttention(keras.layers.Layer):
     """Multi-head self-attention in which each position sees itself and the positions before it.
 
     One Dense makes queries, keys and values together (GPT-2's `c_attn`), another mixes the heads (`c_proj`).
-    `call_with_cache` runs new positions only, attending also to the keys and values of earlier ones.
+    `call_with_cache` runs new positions only, attending also to the cached keys and values of earlier ones.
     """
 
     def __init__(self, width: int, heads: int, *, dropout: float = 0.0, use_bias: bool = True,
@@ -67,19 +68,29 @@ class CausalSelfAttention(keras.layers.Layer):
         y = ops.dot_product_attention(q, k, v, is_causal=True)
         return self.out_dropout(self._merge(y), training=training)
 
-    def call_with_cache(self, x, cache=None):
-        """Attention for new positions `x` that follow the cached `(keys, values)`; returns (output, cache)."""
+    def call_with_cache(self, x, cache, index):
+        """Attention for new positions `x` [batch, new, width] at `index`, `index + 1`, ...: their keys and values
+        are written into the preallocated `cache` (keys, values), each [batch, length, heads, head_width], and
+        each query sees the cached positions up to its own. Returns (output, cache)."""
         q, k, v = self._heads(x)
-        if cache is not None:
-            k, v = ops.concatenate([cache[0], k], axis=1), ops.concatenate([cache[1], v], axis=1)
-        new, total = ops.shape(q)[1], ops.shape(k)[1]
-        # New query i sits at position total - new + i; it sees keys up to and including that position.
-        mask = ops.arange(total)[None, :] <= ops.arange(total - new, total)[:, None]
-        return self._merge(ops.dot_product_attention(q, k, v, mask=mask)), (k, v)
+        keys, values = (write_positions(cached, new, index) for cached, new in zip(cache, (k, v)))
+        new, total = ops.shape(q)[1], ops.shape(keys)[1]
+        mask = ops.arange(total)[None, :] <= (index + ops.arange(new))[:, None]
+        return self._merge(ops.dot_product_attention(q, keys, values, mask=mask)), (keys, values)
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "dropout": self.dropout,
                 "use_bias": self.use_bias, "output_stddev": self.output_stddev}
+
+
+def write_positions(cache, new, index):
+    """`cache` [batch, length, ...] with positions `index`... replaced by `new` [batch, n, ...]: a gather and a
+    select, ops that every TensorFlow runtime registers (Keras's `slice_update` is an XLA-only op there)."""
+    positions = ops.arange(ops.shape(cache)[1])
+    offset = positions - index
+    placed = ops.take(new, ops.clip(offset, 0, ops.shape(new)[1] - 1), axis=1)
+    inside = (offset >= 0) & (offset < ops.shape(new)[1])
+    return ops.where(ops.reshape(inside, (1, -1) + (1,) * (len(cache.shape) - 2)), placed, cache)
 
 
 @keras.saving.register_keras_serializable(package="kerasbig")
@@ -116,9 +127,9 @@ class Block(keras.layers.Layer):
         x = x + self.attn(self.ln_1(x), training=training)
         return x + self._mlp(x, training=training)
 
-    def call_with_cache(self, x, cache=None):
-        """The block on new positions only, given the attention cache of earlier ones; returns (output, cache)."""
-        attended, cache = self.attn.call_with_cache(self.ln_1(x), cache)
+    def call_with_cache(self, x, cache, index):
+        """The block on new positions at `index`... given the attention cache; returns (output, cache)."""
+        attended, cache = self.attn.call_with_cache(self.ln_1(x), cache, index)
         x = x + attended
         return x + self._mlp(x), cache
 
@@ -182,20 +193,29 @@ def context_length(model: keras.Model) -> int:
     return model.get_layer("position_embedding").max_length
 
 
-def decode(model: keras.Model, tokens, cache: list | None = None):
-    """Runs a built GPT on `tokens` [batch, new] that follow the positions in `cache` (None: no earlier ones).
+def _blocks(model: keras.Model) -> list[Block]:
+    return [layer for layer in model.layers if isinstance(layer, Block)]
 
-    Returns the float32 logits of the last new position, [batch, vocab], and the cache extended by the new
-    positions: one (keys, values) pair per block. Dropout is off, as at inference.
+
+def empty_cache(model: keras.Model, batch, length) -> list:
+    """A zero key/value cache for `batch` sequences of up to `length` positions (at most the context): one
+    (keys, values) pair per block, each [batch, length, heads, head_width] in the model's compute dtype."""
+    shapes = [(batch, length, block.heads, block.width // block.heads) for block in _blocks(model)]
+    return [(ops.zeros(shape, model.compute_dtype), ops.zeros(shape, model.compute_dtype)) for shape in shapes]
+
+
+def decode(model: keras.Model, tokens, cache: list, index):
+    """Runs a built GPT on `tokens` [batch, new] at positions `index`, `index + 1`, ... after the positions
+    already in `cache` (from `empty_cache`; `index` may be a tensor).
+
+    Returns the float32 logits of every new position, [batch, new, vocab], and the cache with the new positions
+    written in. Dropout is off, as at inference.
     """
-    blocks = [layer for layer in model.layers if isinstance(layer, Block)]
-    cache = cache or [None] * len(blocks)
-    start = 0 if cache[0] is None else ops.shape(cache[0][0])[1]
     embedding = model.get_layer("token_embedding")
-    x = model.get_layer("position_embedding")(embedding(tokens), start=start)
+    x = model.get_layer("position_embedding")(embedding(tokens), start=index)
     new_cache = []
-    for block, block_cache in zip(blocks, cache):
-        x, block_cache = block.call_with_cache(x, block_cache)
+    for block, block_cache in zip(_blocks(model), cache):
+        x, block_cache = block.call_with_cache(x, block_cache, index)
         new_cache.append(block_cache)
-    logits = embedding(model.get_layer("ln_f")(x[:, -1]), reverse=True)
+    logits = embedding(model.get_layer("ln_f")(x), reverse=True)
     return ops.cast(logits, "float32"), new_cache
