@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerasbig.errors import UsageError
-from kerasbig.models import gpt
+from kerasbig.models import gpt, llama
 
 GENERATE = "generate"  # the SavedModel signature
 NO_END_TOKEN = -1
@@ -63,9 +63,11 @@ def _no_context(model):
 
 
 RECOMPUTE = {"gpt": Decoder(_token_buffer, _recompute, gpt.context_length),
+             "llama": Decoder(_token_buffer, _recompute, llama.context_length),
              "rnn": Decoder(_token_buffer, _recompute, _no_context)}
 # The decoder each family generates with, by model name: its own cache where it has one.
-DECODERS = {**RECOMPUTE, "gpt": Decoder(gpt.empty_cache, gpt.decode, gpt.context_length)}
+DECODERS = {**RECOMPUTE, "gpt": Decoder(gpt.empty_cache, gpt.decode, gpt.context_length),
+            "llama": Decoder(llama.empty_cache, llama.decode, llama.context_length)}
 
 
 def decoder_for(model: keras.Model, use_cache: bool = True) -> Decoder:

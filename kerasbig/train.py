@@ -202,6 +202,8 @@ def run() -> None:
             write_atomically(metrics_path, json.dumps({"split": "test", **metrics}, indent=2))
     print(f"Logs: {workdir}  (tensorboard --logdir {workdir.parent})")
 
+    if FLAGS.mode in ("train_and_export", "export") and chief:
+        model = lora.merged(model)  # adapters folded into the kernels: no LoRA variables in what is exported
     if FLAGS.mode in ("train_and_export", "export") and chief and FLAGS.export_format == "hf":
         folder = pretrained.export_hf(model, config.model, export_base / (
             export_name if FLAGS.export_dir else f"{export_name}-hf"), tokenizer=task.tokenizer,
@@ -211,7 +213,6 @@ def run() -> None:
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         record = {"config": config_lib.to_dict(config), "config_name": name, "metrics": metrics,
                   "step": int(optimizer.iterations.numpy()), "mixed_precision": FLAGS.mixed_precision}
-        model = lora.merged(model)  # adapters folded into the kernels: no LoRA variables in the SavedModel
         path = export.export(model, task, base=export_base, name=export_name, record=record,
                              stable_label=config.export.stable_label)
         print(f"SavedModel: {path}  (verified in a fresh process; serve with TF Serving or python -m kerasbig.serve)")

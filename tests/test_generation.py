@@ -10,6 +10,7 @@ from kerasbig.data.spec import DataSpec
 from kerasbig.errors import UsageError
 from kerasbig.generation import generate
 from kerasbig.models.gpt import build_gpt, decode, empty_cache
+from kerasbig.models.llama import build_llama
 from kerasbig.models.rnn import build_rnn
 from kerasbig.models.transformer import build_transformer
 
@@ -95,6 +96,18 @@ def test_the_loop_is_traced_once_for_any_settings(gpt):
         _generate_batch(gpt, [PROMPT], new_tokens, seed=seed, temperature=0.7)
     assert function.experimental_get_tracing_count() <= 1
     assert _generate_batch(gpt, [PROMPT], 0) == [[]]
+
+
+def test_llama_greedy_with_cache_equals_recomputing_and_stops_at_the_context():
+    keras.utils.set_random_seed(0)
+    model = build_llama(LM, width=32, depth=2, heads=4, kv_heads=2, hidden=48)
+    rng = np.random.default_rng(0)  # large weights, as for gpt; RMSNorm's unit scales need them larger still
+    for variable in model.weights:
+        variable.assign(variable + rng.normal(0, 3.0, variable.shape).astype("float32"))
+    expected = _greedy_by_recomputing(model, PROMPT, CONTEXT - len(PROMPT))
+    assert len(set(expected)) > 2
+    assert generate(model, PROMPT, 20, temperature=0) == expected
+    assert generate(model, PROMPT, 20, temperature=0, use_cache=False) == expected
 
 
 def test_rnn_greedy_with_states_equals_recomputing(rnn):

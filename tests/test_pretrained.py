@@ -79,10 +79,13 @@ def test_token_ids_equal_those_of_transformers(name, files, tmp_path):
 def test_llama_decode_with_a_cache_equals_the_whole_forward_pass():
     model = load(FIXTURES / "llama_tiny")
     ids = reference("llama_tiny")["ids"][None, :12]
-    logits, cache = llama.decode(model, ids[:, :8])
+    cache = llama.empty_cache(model, 1, llama.context_length(model))
+    logits, cache = llama.decode(model, ids[:, :8], cache, 0)
+    steps = [logits]
     for i in range(8, 12):
-        logits, cache = llama.decode(model, ids[:, i:i + 1], cache)
-    np.testing.assert_allclose(logits.numpy(), model(ids).numpy()[:, -1], atol=1e-5)
+        logits, cache = llama.decode(model, ids[:, i:i + 1], cache, i)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), model(ids).numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
@@ -197,9 +200,10 @@ def mean_test_loss(model: keras.Model, task) -> float:
 
 
 @pytest.mark.slow
-def test_gpt2_fine_tunes_on_cpython_docs_and_exports_with_its_tokenizer(tmp_path):
+@pytest.mark.parametrize("lora_rank, drop", [(0, 1.5), (8, 0.6)])
+def test_gpt2_fine_tunes_on_cpython_docs_and_exports_with_its_tokenizer(lora_rank, drop, tmp_path):
     docs = write_corpus(tmp_path / "docs")
-    config = finetune_config(tmp_path, FIXTURES / "gpt2_tiny", docs)
+    config = finetune_config(tmp_path, FIXTURES / "gpt2_tiny", docs, lora_rank=lora_rank)
     run, models_dir = tmp_path / "run", tmp_path / "models"
     kerasbig("train", f"--config={config}", f"--workdir={run}", f"--export_dir={models_dir / 'finetuned'}")
     saved = json.loads((run / "config.json").read_text())
@@ -207,7 +211,8 @@ def test_gpt2_fine_tunes_on_cpython_docs_and_exports_with_its_tokenizer(tmp_path
     task = data.load_task(pretrained_data_config(saved["data"]))
     start = mean_test_loss(load(FIXTURES / "gpt2_tiny"), task)
     end = json.loads((run / "metrics.json").read_text())["loss"]
-    assert end < start - 1.5, (start, end)  # nats per token: perplexity down more than 4x (6.23 -> 3.98 here)
+    # Nats per token: 6.23 -> 3.98 with full fine-tuning here, 6.23 -> 5.32 with rank-8 adapters alone.
+    assert end < start - drop, (start, end)
     version = models_dir / "finetuned" / "1"
     for file in ("vocab.json", "merges.txt"):
         assert (version / "assets.extra" / file).read_bytes() == (FIXTURES / "gpt2_tiny" / file).read_bytes()

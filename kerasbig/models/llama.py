@@ -10,7 +10,7 @@ Written with `keras.layers`/`keras.ops` only, with the same stable layer names a
 (`token_embedding`, `block_{i}`, `ln_f`), so sharding rules address both. It is built to take checkpoints
 (`kerasbig.pretrained`); the rotary convention is Hugging Face's (the two halves of each head rotate together).
 
-`decode` runs the same weights one new position at a time with cached keys and values, as `gpt.decode` does.
+`decode` runs the same weights on new positions with a preallocated key/value cache, as `gpt.decode` does.
 """
 from __future__ import annotations
 
@@ -45,9 +45,13 @@ def rotate(x, start, theta: float):
 class LlamaAttention(keras.layers.Layer):
     """Causal grouped-query self-attention with rotary positions; `call_with_cache` as in `gpt`."""
 
-    def __init__(self, width: int, heads: int, kv_heads: int, *, rope_theta: float = 10000.0, **kwargs):
+    def __init__(self, width: int, heads: int, kv_heads: int, *, rope_theta: float = 10000.0, context: int = 0,
+                 **kwargs):
+        """`context`: the most positions the model attends over (rotary positions have no table to bound
+        them; generation stops there)."""
         super().__init__(**kwargs)
         self.width, self.heads, self.kv_heads, self.rope_theta = width, heads, kv_heads, rope_theta
+        self.context = context
         self.head_width = width // heads
         self.query = _dense(width, "query")
         self.key = _dense(kv_heads * self.head_width, "key")
@@ -74,19 +78,17 @@ class LlamaAttention(keras.layers.Layer):
     def call(self, x):
         return self._attend(*self._projections(x, 0), is_causal=True)
 
-    def call_with_cache(self, x, cache=None):
-        """Attention for new positions `x` after the cached (keys, values), which are already rotated."""
-        start = 0 if cache is None else ops.shape(cache[0])[1]
-        q, k, v = self._projections(x, start)
-        if cache is not None:
-            k, v = ops.concatenate([cache[0], k], axis=1), ops.concatenate([cache[1], v], axis=1)
-        new, total = ops.shape(q)[1], ops.shape(k)[1]
-        mask = ops.arange(total)[None, :] <= ops.arange(total - new, total)[:, None]
-        return self._attend(q, k, v, mask=mask), (k, v)
+    def call_with_cache(self, x, cache, index):
+        """`gpt.CausalSelfAttention.call_with_cache` with rotary positions: the cached keys are rotated already."""
+        q, k, v = self._projections(x, index)
+        keys, values = (gpt.write_positions(cached, new, index) for cached, new in zip(cache, (k, v)))
+        new, total = ops.shape(q)[1], ops.shape(keys)[1]
+        mask = ops.arange(total)[None, :] <= (index + ops.arange(new))[:, None]
+        return self._attend(q, keys, values, mask=mask), (keys, values)
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "kv_heads": self.kv_heads,
-                "rope_theta": self.rope_theta}
+                "rope_theta": self.rope_theta, "context": self.context}
 
 
 @keras.saving.register_keras_serializable(package="kerasbig")
@@ -94,12 +96,12 @@ class LlamaBlock(keras.layers.Layer):
     """x + attention(attn_norm(x)), then x + down(silu(gate(h)) * up(h)) with h = mlp_norm(x)."""
 
     def __init__(self, width: int, heads: int, kv_heads: int, hidden: int, *, norm_epsilon: float = 1e-6,
-                 rope_theta: float = 10000.0, dropout: float = 0.0, **kwargs):
+                 rope_theta: float = 10000.0, dropout: float = 0.0, context: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.width, self.heads, self.kv_heads, self.hidden = width, heads, kv_heads, hidden
-        self.norm_epsilon, self.rope_theta, self.dropout = norm_epsilon, rope_theta, dropout
+        self.norm_epsilon, self.rope_theta, self.dropout, self.context = norm_epsilon, rope_theta, dropout, context
         self.attn_norm = keras.layers.RMSNormalization(epsilon=norm_epsilon, name="attn_norm")
-        self.attn = LlamaAttention(width, heads, kv_heads, rope_theta=rope_theta, name="attn")
+        self.attn = LlamaAttention(width, heads, kv_heads, rope_theta=rope_theta, context=context, name="attn")
         self.mlp_norm = keras.layers.RMSNormalization(epsilon=norm_epsilon, name="mlp_norm")
         self.gate, self.up, self.down = _dense(hidden, "gate"), _dense(hidden, "up"), _dense(width, "down")
         self.residual_dropout = keras.layers.Dropout(dropout)
@@ -117,15 +119,15 @@ class LlamaBlock(keras.layers.Layer):
         x = x + self.residual_dropout(self.attn(self.attn_norm(x)), training=training)
         return x + self._mlp(x, training=training)
 
-    def call_with_cache(self, x, cache=None):
-        attended, cache = self.attn.call_with_cache(self.attn_norm(x), cache)
+    def call_with_cache(self, x, cache, index):
+        attended, cache = self.attn.call_with_cache(self.attn_norm(x), cache, index)
         x = x + attended
         return x + self._mlp(x), cache
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "kv_heads": self.kv_heads,
                 "hidden": self.hidden, "norm_epsilon": self.norm_epsilon, "rope_theta": self.rope_theta,
-                "dropout": self.dropout}
+                "dropout": self.dropout, "context": self.context}
 
 
 def build_llama(spec: DataSpec, *, width: int = 4096, depth: int = 32, heads: int = 32, kv_heads: int = 0,
@@ -155,22 +157,35 @@ def build_llama(spec: DataSpec, *, width: int = 4096, depth: int = 32, heads: in
                                                  name="token_embedding")
     x = embedding(tokens)
     for i in range(depth):
-        x = LlamaBlock(width, heads, kv_heads, hidden, norm_epsilon=norm_epsilon, rope_theta=rope_theta, dropout=dropout,
-                  name=f"block_{i}")(x)
+        x = LlamaBlock(width, heads, kv_heads, hidden, norm_epsilon=norm_epsilon, rope_theta=rope_theta,
+                       dropout=dropout, context=context or spec.seq_len, name=f"block_{i}")(x)
     x = keras.layers.RMSNormalization(epsilon=norm_epsilon, name="ln_f")(x)
     logits = keras.layers.Activation("linear", dtype="float32", name="logits")(embedding(x, reverse=True))
     return keras.Model(tokens, logits, name="llama")
 
 
-def decode(model: keras.Model, tokens, cache: list | None = None):
-    """`gpt.decode` for a built Llama: logits of the last new position [batch, vocab] and the extended cache."""
-    blocks = [layer for layer in model.layers if isinstance(layer, LlamaBlock)]
-    cache = cache or [None] * len(blocks)
-    embedding = model.get_layer("token_embedding")
-    x = embedding(tokens)
+def _blocks(model: keras.Model) -> list[LlamaBlock]:
+    return [layer for layer in model.layers if isinstance(layer, LlamaBlock)]
+
+
+def context_length(model: keras.Model) -> int:
+    """The most positions a built Llama attends over."""
+    return _blocks(model)[0].context
+
+
+def empty_cache(model: keras.Model, batch, length) -> list:
+    """`gpt.empty_cache` for a built Llama: [batch, length, kv_heads, head_width] keys and values per block."""
+    shapes = [(batch, length, b.kv_heads, b.width // b.heads) for b in _blocks(model)]
+    return [(ops.zeros(shape, model.compute_dtype), ops.zeros(shape, model.compute_dtype)) for shape in shapes]
+
+
+def decode(model: keras.Model, tokens, cache: list, index):
+    """`gpt.decode` for a built Llama: float32 logits of every new position at `index`... and the cache with
+    them written in."""
+    x = model.get_layer("token_embedding")(tokens)
     new_cache = []
-    for block, block_cache in zip(blocks, cache):
-        x, block_cache = block.call_with_cache(x, block_cache)
+    for block, block_cache in zip(_blocks(model), cache):
+        x, block_cache = block.call_with_cache(x, block_cache, index)
         new_cache.append(block_cache)
-    logits = embedding(model.get_layer("ln_f")(x[:, -1]), reverse=True)
+    logits = model.get_layer("token_embedding")(model.get_layer("ln_f")(x), reverse=True)
     return ops.cast(logits, "float32"), new_cache

@@ -83,7 +83,7 @@ def _keras_file_model(path: pathlib.Path) -> tuple[str, dict]:
                        "context": by_name["position_embedding"]["config"]["max_length"]}
     return "llama", {**common, "kv_heads": block["kv_heads"], "hidden": block["hidden"],
                      "norm_epsilon": block["norm_epsilon"], "rope_theta": block["rope_theta"],
-                     "tie_embeddings": embedding["tie_weights"]}
+                     "tie_embeddings": embedding["tie_weights"], "context": block.get("context", 0)}
 
 
 def architecture(path: pathlib.Path, given: dict) -> tuple[str, dict]:
