@@ -18,7 +18,7 @@ import tensorflow as tf
 from absl import flags, logging
 from ml_collections import config_flags
 
-from kerasbig import checkpoint, cli, config as config_lib, data, distribute, evaluation, export, models
+from kerasbig import checkpoint, cli, compress, config as config_lib, data, distribute, evaluation, export, models
 from kerasbig.callbacks import (Dashboard, EarlyStopping, LearningRateScheduler, ProfileSteps, Throughput,
                                 WarmupDecay, peak_flops_per_device)
 from kerasbig.data.spec import LANGUAGE_MODEL
@@ -147,6 +147,7 @@ def run() -> None:
     with strategy.scope():
         model = models.build(task.spec, config.model)
         optimizer = make_optimizer(config, FLAGS.mixed_precision, model)
+        compress.prepare(model, optimizer, config.compress)
     check_resumable(workdir, config, FLAGS.seed)
     if chief:
         writable_dir(workdir, "--workdir")
@@ -168,6 +169,7 @@ def run() -> None:
                                run_info=run_info, flops_per_step=estimate.train_flops_per_example * config.data.batch_size,
                                validation_predictions=trainer.latest_validation,
                                profile_steps=tuple(map(int, FLAGS.profile_steps)))
+    callbacks += compress.callbacks(model, workdir if chief else None, log_every_steps=config.train.log_every_steps)
     if FLAGS.mode in ("train", "train_and_export"):
         try:
             trainer.fit(callbacks)
@@ -194,11 +196,12 @@ def run() -> None:
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         record = {"config": config_lib.to_dict(config), "config_name": name, "metrics": metrics,
                   "step": int(optimizer.iterations.numpy()), "mixed_precision": FLAGS.mixed_precision}
-        path = export.export(model, task, base=export_base, name=export_name, record=record,
+        served = compress.servable(model)
+        path = export.export(served, task, base=export_base, name=export_name, record=record,
                              stable_label=config.export.stable_label)
         print(f"SavedModel: {path}  (verified in a fresh process; serve with TF Serving or python -m kerasbig.serve)")
         if config.export.quantize:
-            export_quantized(model, task, float_version=path, record=record, base=export_base, name=export_name,
+            export_quantized(served, task, float_version=path, record=record, base=export_base, name=export_name,
                              mode=config.export.quantize, stable_label=config.export.stable_label)
 
 
