@@ -14,6 +14,7 @@ import pathlib
 import ml_collections
 
 from kerasbig.callbacks.lr_schedule import DECAYS
+from kerasbig.compress import quantization
 from kerasbig.data.corpus import parse_tokenizer
 from kerasbig.errors import UsageError
 from kerasbig.files import write_atomically
@@ -85,7 +86,7 @@ def base() -> ml_collections.ConfigDict:
     )
     config.export = dict(
         name="",                  # saved_models/<name>/; '' = the config file's name
-        quantize="",              # '' | int8: also write an int8 version
+        quantize="",              # '' | comma-separated modes (int8, int4): also write a version quantized to each
         stable_label=True,        # label the newest version 'stable' in saved_models/models.config
     )
     config.compress = dict(      # see kerasbig/compress and docs/compression.md
@@ -146,8 +147,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UsageError(f"config.optimizer.learning_rate={config.optimizer.learning_rate} must be > 0")
     if config.schedule.decay not in DECAYS:
         raise UsageError(f"config.schedule.decay={config.schedule.decay!r} is not one of {list(DECAYS)}")
-    if config.export.quantize not in ("", "int8"):
-        raise UsageError(f"config.export.quantize={config.export.quantize!r} must be '' or 'int8'")
+    quantization.parse_modes(config.export.quantize)
     _check_export_name(config.export.name)
     _check_compress(config.compress)
     stop = config.train.early_stopping

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 from kerasbig import checkpoint, cli, compress, config as config_lib, data, distribute, evaluation, export, models
 from kerasbig.callbacks import (Dashboard, EarlyStopping, LearningRateScheduler, ProfileSteps, Throughput,
                                 WarmupDecay, peak_flops_per_device)
+from kerasbig.compress import quantization
 from kerasbig.data.spec import LANGUAGE_MODEL
 from kerasbig.errors import PREEMPTED_EXIT_CODE, RunError, UsageError, first_line
 from kerasbig.files import hold_workdir, write_atomically
@@ -148,6 +149,7 @@ def run() -> None:
         model = models.build(task.spec, config.model)
         optimizer = make_optimizer(config, FLAGS.mixed_precision, model)
         compress.prepare(model, optimizer, config.compress)
+    quantization.check_model(model, quantization.parse_modes(config.export.quantize))
     check_resumable(workdir, config, FLAGS.seed)
     if chief:
         writable_dir(workdir, "--workdir")
@@ -200,9 +202,10 @@ def run() -> None:
         path = export.export(served, task, base=export_base, name=export_name, record=record,
                              stable_label=config.export.stable_label)
         print(f"SavedModel: {path}  (verified in a fresh process; serve with TF Serving or python -m kerasbig.serve)")
-        if config.export.quantize:
+        modes = quantization.parse_modes(config.export.quantize)
+        if modes:
             export_quantized(served, task, float_version=path, record=record, base=export_base, name=export_name,
-                             mode=config.export.quantize, stable_label=config.export.stable_label)
+                             modes=modes, stable_label=config.export.stable_label)
 
 
 def check_resumable(workdir: pathlib.Path, config, seed: int) -> None:
@@ -220,18 +223,28 @@ def check_resumable(workdir: pathlib.Path, config, seed: int) -> None:
 
 
 def export_quantized(model, task, *, float_version: pathlib.Path, record: dict, base: pathlib.Path, name: str,
-                     mode: str, stable_label: bool) -> None:
-    """Writes a quantized version after the float one; its kerasbig.json sets size and accuracy side by side."""
-    quantized = export.quantized_copy(model, mode)
+                     modes: list[str], stable_label: bool) -> None:
+    """Writes a quantized version per mode after the float one; each kerasbig.json sets size and test scores
+    side by side with the float version's."""
     float_record = json.loads((float_version / "assets.extra" / "kerasbig.json").read_text())
-    comparison = {"float": {"version": int(float_version.name), "size_bytes": float_record["size_bytes"],
-                            "test_accuracy": evaluation.accuracy(model, task)},
-                  mode: {"test_accuracy": evaluation.accuracy(quantized, task)}}
-    path = export.export(quantized, task, base=base, name=name, stable_label=stable_label,
-                         record={**record, "quantization": mode, "comparison": comparison})
-    size = json.loads((path / "assets.extra" / "kerasbig.json").read_text())["size_bytes"]
-    print(f"SavedModel ({mode}): {path}  {size / 1e6:.2f} MB, test accuracy {comparison[mode]['test_accuracy']:.4f} "
-          f"(float: {comparison['float']['size_bytes'] / 1e6:.2f} MB, {comparison['float']['test_accuracy']:.4f})")
+    float_scores = scores(model, task)
+    for mode in modes:
+        quantized = export.quantized_copy(model, mode)
+        comparison = {"float": {"version": int(float_version.name), "size_bytes": float_record["size_bytes"],
+                                **float_scores},
+                      mode: scores(quantized, task)}
+        path = export.export(quantized, task, base=base, name=name, stable_label=stable_label,
+                             record={**record, "quantization": mode, "comparison": comparison})
+        size = json.loads((path / "assets.extra" / "kerasbig.json").read_text())["size_bytes"]
+        print(f"SavedModel ({mode}): {path}  {size / 1e6:.2f} MB, test accuracy "
+              f"{comparison[mode]['test_accuracy']:.4f} (float: {comparison['float']['size_bytes'] / 1e6:.2f} MB, "
+              f"{comparison['float']['test_accuracy']:.4f})")
+
+
+def scores(model, task) -> dict[str, float]:
+    """The test split's scores of a version, as its kerasbig.json compares them: test_accuracy (and
+    test_bits_per_token for language models)."""
+    return {f"test_{key}": value for key, value in evaluation.serving_scores(model, task).items()}
 
 
 def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: int, run_info: dict,

@@ -89,8 +89,8 @@ PRUNE = ["--config=configs/digits_mlp.py", "--config.model.hidden=(64,)", "--con
 @pytest.mark.slow
 def test_pruned_weights_are_exact_zeros_in_checkpoint_and_saved_model_and_compress(train, tmp_path):
     workdir, models = tmp_path / "run", tmp_path / "models"
-    result = train(*PRUNE, "--config.train.log_every_steps=5", f"--workdir={workdir}",
-                   f"--export_dir={models / 'digits'}")
+    result = train(*PRUNE, "--config.train.log_every_steps=5", "--config.export.quantize=int8,int4",
+                   f"--workdir={workdir}", f"--export_dir={models / 'digits'}")
     weights = checkpoint_weights(workdir)
     for layer in ("dense_0", "logits"):
         kernel, mask = weights[f"mlp/{layer}/kernel"], weights[f"mlp/{layer}/prune_mask"]
@@ -107,6 +107,14 @@ def test_pruned_weights_are_exact_zeros_in_checkpoint_and_saved_model_and_compre
     record = json.loads((version / "assets.extra" / "kerasbig.json").read_text())
     assert record["size_gzip_bytes"] < record["size_bytes"] / 2
     assert "Test: accuracy" in result.stdout
+    # Pruned and quantized: a version per mode beside the float one, each with its test accuracy.
+    for number, mode in ((2, "int8"), (3, "int4")):
+        quantized = json.loads((models / "digits" / str(number) / "assets.extra" / "kerasbig.json").read_text())
+        comparison = quantized["comparison"]
+        assert quantized["quantization"] == mode and comparison["float"]["size_bytes"] == record["size_bytes"]
+        assert abs(comparison[mode]["test_accuracy"] - comparison["float"]["test_accuracy"]) < 0.05
+        assert f"SavedModel ({mode}): {models / 'digits' / str(number)}" in result.stdout
+    assert "int8" in (models / "models.config").read_text() and "int4" in (models / "models.config").read_text()
     tags = {value.tag for path in (workdir / "train").glob("events*") for event in tf.compat.v1.train.summary_iterator(
         str(path)) for value in event.summary.value}
     assert {"sparsity/mlp/dense_0/kernel", "sparsity/mlp/logits/kernel", "sparsity/all"} <= tags
@@ -145,10 +153,19 @@ BAD_PRUNING = [
 ]
 
 
-@pytest.mark.parametrize("values,message", BAD_PRUNING, ids=[m for _, m in BAD_PRUNING])
-def test_bad_pruning_values_are_named(values, message):
+BAD_QUANTIZATION = [
+    ({"quantize": "gptq"}, "config.export.quantize='gptq': gptq needs the model's blocks described to Keras"),
+    ({"quantize": "float8"}, "float8 keeps float weights"),
+    ({"quantize": "int8,int2"}, "'int2' is not a mode Keras"),
+    ({"quantize": "int8,int8"}, "names a mode twice"),
+]
+
+
+@pytest.mark.parametrize("values,message", BAD_PRUNING + BAD_QUANTIZATION,
+                         ids=[m for _, m in BAD_PRUNING + BAD_QUANTIZATION])
+def test_bad_compression_values_are_named(values, message):
     config = config_lib.base()
-    config.compress.prune.update(values)
+    (config.export if "quantize" in values else config.compress.prune).update(values)
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         config_lib.validate(config)
 
