@@ -98,6 +98,9 @@ def base() -> ml_collections.ConfigDict:
             scope="layer",        # layer: each matrix to `sparsity` | global: one magnitude threshold for all
             structured=False,     # 2:4 (2 of every 4 weights along the input axis) instead of `sparsity`
         ),
+        teacher="",               # a trained run's workdir: distil from its logits ('' = train on labels only)
+        temperature=2.0,          # distillation: softmax temperature on teacher and student logits
+        teacher_weight=0.5,       # distillation: the teacher's share of the loss, the labels' is 1 - it
     )
     return config
 
@@ -160,6 +163,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_compress(compress: ml_collections.ConfigDict) -> None:
+    _in_range("compress.temperature", compress.temperature, "> 0", lambda v: 0 < v < math.inf)
+    _in_range("compress.teacher_weight", compress.teacher_weight, "in [0, 1]", lambda v: 0 <= v <= 1)
     prune = compress.prune
     _in_range("compress.prune.sparsity", prune.sparsity, "in [0, 1)", lambda v: 0 <= v < 1)
     if prune.scope not in PRUNE_SCOPES:

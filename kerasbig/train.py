@@ -149,6 +149,7 @@ def run() -> None:
         model = models.build(task.spec, config.model)
         optimizer = make_optimizer(config, FLAGS.mixed_precision, model)
         compress.prepare(model, optimizer, config.compress)
+        train_loss = compress.train_loss(config.compress, config.data, task.spec, model)
     quantization.check_model(model, quantization.parse_modes(config.export.quantize))
     check_resumable(workdir, config, FLAGS.seed)
     if chief:
@@ -164,7 +165,8 @@ def run() -> None:
           f"model {model.name} with {model.count_params():,} parameters; "
           f"{task.num_examples['train']} training examples")
 
-    trainer = Trainer(model, optimizer, task, strategy, config, workdir, is_chief=chief, seed=FLAGS.seed)
+    trainer = Trainer(model, optimizer, task, strategy, config, workdir, is_chief=chief, seed=FLAGS.seed,
+                      train_loss=train_loss)
     run_info = {"seed": FLAGS.seed, "mixed_precision": FLAGS.mixed_precision,
                 "replicas": strategy.num_replicas_in_sync}
     callbacks = make_callbacks(config, workdir if chief else None, task=task, total_steps=trainer.total_steps,

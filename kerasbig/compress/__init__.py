@@ -1,6 +1,8 @@
-"""Compression, set by `config.compress`: magnitude pruning (`pruning`), with more to come in this package.
+"""Compression, set by `config.compress`: magnitude pruning (`pruning`), distillation (`distillation`); and the
+quantization modes of `config.export.quantize` (`quantization`).
 
-train.py calls `prepare` after building the model, adds `callbacks` to the run's and exports `servable(model)`.
+train.py calls `prepare` and `train_loss` after building the model, adds `callbacks` to the run's and exports
+`servable(model)`.
 """
 from __future__ import annotations
 
@@ -23,6 +25,16 @@ def prepare(model: keras.Model, optimizer: keras.optimizers.Optimizer, compress)
         print(f"Pruning 2:4 leaves {len(pruner.skipped)} weight matrices dense (their input axis is not a multiple "
               f"of 4): {', '.join(pruner.skipped)}")
     return pruner
+
+
+def train_loss(compress, data_config, spec, model: keras.Model):
+    """Distillation's training loss when `compress.teacher` names a teacher (loaded and checked here, before
+    training), else None. Call it inside the strategy's scope."""
+    if not compress.teacher:
+        return None
+    from kerasbig.compress.distillation import DistillationLoss, load_teacher
+    return DistillationLoss(load_teacher(compress.teacher, data_config, spec, model), temperature=compress.temperature,
+                            teacher_weight=compress.teacher_weight)
 
 
 def callbacks(model: keras.Model, workdir: pathlib.Path | None, *, log_every_steps: int) -> list:
