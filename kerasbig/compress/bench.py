@@ -28,7 +28,7 @@ from kerasbig.files import write_atomically
 from kerasbig.serving.bench import server
 
 REPO = pathlib.Path(__file__).resolve().parent.parent.parent
-REQUESTS = 30  # per version, one at a time, after 5 warmup requests
+REQUESTS = 20  # per version, one at a time, after 5 warmup requests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Model:
 MODELS = {
     "digits_cnn": Model("digits_cnn", 150),
     "text_transformer": Model("text_transformer", 80, ("--config.train.early_stopping.enabled=False",)),
-    "gpt_small": Model("gpt_small", 150, ("--config.train.eval_every_steps=150",)),
+    "gpt_small": Model("gpt_small", 100, ("--config.train.eval_every_steps=100",)),
 }
 # Row name -> (training overrides, quantized versions that the run also exports).
 RUNS = {
