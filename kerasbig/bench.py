@@ -11,6 +11,7 @@ times steps per second.
     python -m kerasbig.bench --suite=generation    # generated tokens/s, the compiled cache vs recomputing
     python -m kerasbig.bench --suite=lora          # LoRA against full fine-tuning of gpt_small
     python -m kerasbig.bench --suite=cpu           # kerasbig's loop against model.fit and the bare step
+    python -m kerasbig.bench --suite=compression --output=docs/compression.md  # pruning and quantization
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import tensorflow as tf
 from absl import flags
 
 from kerasbig import bench_loop, cli
+from kerasbig.compress import bench as compression
 from kerasbig.errors import RunError, UsageError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -51,16 +53,17 @@ CASES = {case.name: case for case in [
     Case("gpt_small_bf16", "gpt_small", ("--mixed_precision=mixed_bfloat16",), steps=60),
 ]}
 
-SUITES = ("train", "cpu", "generation", "lora")
+SUITES = ("train", "cpu", "generation", "lora", "compression")
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     flags.DEFINE_enum("suite", "train", SUITES, "train: throughput of the training cases through the real command; "
                       "cpu: kerasbig's loop side by side with model.fit and the bare step; generation: the decoding "
-                      "cache; lora: LoRA against full fine-tuning.")
+                      "cache; lora: LoRA against full fine-tuning; compression: size, accuracy and served latency "
+                      "of pruned and quantized versions.")
     flags.DEFINE_list("cases", None, f"Cases to run (default all): train {', '.join(CASES)}; cpu "
-                      f"{', '.join(bench_loop.LOOP_CASES)}.")
+                      f"{', '.join(bench_loop.LOOP_CASES)}; compression {', '.join(compression.MODELS)}.")
     flags.DEFINE_integer("repeats", 3, "cpu suite: interleaved repeats of each variant.", lower_bound=1)
     flags.DEFINE_string("output", "", "Also write the table, with the machine's description, to this Markdown file.")
 
@@ -173,10 +176,17 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    known = bench_loop.LOOP_CASES if FLAGS.suite == "cpu" else CASES
+    known = {"cpu": bench_loop.LOOP_CASES, "compression": compression.MODELS}.get(FLAGS.suite, CASES)
     unknown = sorted(set(FLAGS.cases or []) - set(known))
     if unknown:
         raise UsageError(f"--cases: unknown {unknown}; choose from {list(known)}")
+    if FLAGS.suite == "compression":
+        tables = compression.suite(FLAGS.cases or list(compression.MODELS))
+        result = "\n\n".join(f"### {name}\n\n{table(rows)}" for name, rows in tables.items())
+        print(f"\n{machine()}\n\n{result}")
+        if FLAGS.output:
+            compression.write_results(pathlib.Path(FLAGS.output), f"Measured on {machine()}.\n\n{result}\n")
+        return
     if FLAGS.suite == "generation":
         rows = generation_rows()
     elif FLAGS.suite == "lora":
@@ -188,12 +198,15 @@ def main() -> None:
         for name in FLAGS.cases or list(CASES):
             print(f"running {name} ...", flush=True)
             rows.append(run_case(CASES[name]))
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, "
-               f"Python {platform.python_version()}")
     result = table(rows)
-    print(f"\n{machine}\n\n{result}")
+    print(f"\n{machine()}\n\n{result}")
     if FLAGS.output:
-        pathlib.Path(FLAGS.output).write_text(f"Measured with `python -m kerasbig.bench` on {machine}.\n\n{result}\n")
+        pathlib.Path(FLAGS.output).write_text(f"Measured with `python -m kerasbig.bench` on {machine()}.\n\n{result}\n")
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import ml_collections
 
 from kerasbig import lora
 from kerasbig.callbacks.lr_schedule import DECAYS
+from kerasbig.compress import quantization
 from kerasbig.data.corpus import parse_tokenizer
 from kerasbig.errors import UsageError
 from kerasbig.files import write_atomically
@@ -24,6 +25,7 @@ MONITORED = ("val_loss", "val_accuracy", "loss", "accuracy")  # what early stopp
 SEED_LIMIT = 2 ** 32  # numpy's seeds, which Keras and scikit-learn use
 DECODE_ERRORS = ("strict", "replace")
 MIN_IMAGE_SIZE = 8
+PRUNE_SCOPES = ("layer", "global")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -85,8 +87,21 @@ def base() -> ml_collections.ConfigDict:
     )
     config.export = dict(
         name="",                  # saved_models/<name>/; '' = the config file's name
-        quantize="",              # '' | int8: also write an int8 version
+        quantize="",              # '' | comma-separated modes (int8, int4): also write a version quantized to each
         stable_label=True,        # label the newest version 'stable' in saved_models/models.config
+    )
+    config.compress = dict(      # see kerasbig/compress and docs/compression.md
+        prune=dict(
+            sparsity=0.0,         # fraction of every weight matrix set to zero by end_step; 0 = no pruning
+            start_step=0,         # optimizer steps: pruning grows from 0 at start_step to `sparsity` at end_step
+            end_step=0,
+            frequency=100,        # masks are recomputed every this many steps (and at end_step)
+            scope="layer",        # layer: each matrix to `sparsity` | global: one magnitude threshold for all
+            structured=False,     # 2:4 (2 of every 4 weights along the input axis) instead of `sparsity`
+        ),
+        teacher="",               # a trained run's workdir: distil from its logits ('' = train on labels only)
+        temperature=2.0,          # distillation: softmax temperature on teacher and student logits
+        teacher_weight=0.5,       # distillation: the teacher's share of the loss, the labels' is 1 - it
     )
     return config
 
@@ -136,9 +151,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UsageError(f"config.optimizer.learning_rate={config.optimizer.learning_rate} must be > 0")
     if config.schedule.decay not in DECAYS:
         raise UsageError(f"config.schedule.decay={config.schedule.decay!r} is not one of {list(DECAYS)}")
-    if config.export.quantize not in ("", "int8"):
-        raise UsageError(f"config.export.quantize={config.export.quantize!r} must be '' or 'int8'")
+    quantization.parse_modes(config.export.quantize)
     _check_export_name(config.export.name)
+    _check_compress(config.compress)
     stop = config.train.early_stopping
     if stop.enabled and stop.monitor not in MONITORED:
         raise UsageError(f"config.train.early_stopping.monitor={stop.monitor!r} is not logged by the training loop; "
@@ -146,6 +161,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.batch_size % config.optimizer.accumulation_steps:
         raise UsageError(f"config.data.batch_size={config.data.batch_size} must be divisible by "
                          f"config.optimizer.accumulation_steps={config.optimizer.accumulation_steps}")
+
+
+def _check_compress(compress: ml_collections.ConfigDict) -> None:
+    _in_range("compress.temperature", compress.temperature, "> 0", lambda v: 0 < v < math.inf)
+    _in_range("compress.teacher_weight", compress.teacher_weight, "in [0, 1]", lambda v: 0 <= v <= 1)
+    prune = compress.prune
+    _in_range("compress.prune.sparsity", prune.sparsity, "in [0, 1)", lambda v: 0 <= v < 1)
+    if prune.scope not in PRUNE_SCOPES:
+        raise UsageError(f"config.compress.prune.scope={prune.scope!r} is not one of {list(PRUNE_SCOPES)}")
+    if prune.structured and prune.sparsity not in (0, 0.5):
+        raise UsageError(f"config.compress.prune.structured keeps 2 of every 4 weights (sparsity 0.5); leave "
+                         f"config.compress.prune.sparsity={prune.sparsity} at 0 or set it to 0.5")
+    if prune.sparsity or prune.structured:
+        _positive(None, "compress.prune.start_step", prune.start_step, 0)
+        _positive(None, "compress.prune.frequency", prune.frequency)
+        if prune.end_step <= prune.start_step:
+            raise UsageError(f"config.compress.prune.end_step={prune.end_step} must come after "
+                             f"config.compress.prune.start_step={prune.start_step}")
 
 
 def _check_export_name(name: str) -> None:

@@ -9,7 +9,7 @@ import sklearn.metrics
 import tensorflow as tf
 
 from kerasbig.data.spec import CLASSIFICATION, Task
-from kerasbig.losses import correct_predictions
+from kerasbig.losses import correct_predictions, per_example_loss
 
 
 def metrics(task: Task, sums, labels: np.ndarray, predictions: np.ndarray) -> dict:
@@ -49,8 +49,18 @@ def summary_line(values: dict) -> str:
 def accuracy(model: keras.Model, task: Task, split: str = "test", batch_size: int = 256) -> float:
     """Accuracy (per token for language models) of `model` on the raw examples of `split`, through
     `task.preprocess` on one device: the path a serving request takes. Compares float and int8 exports."""
-    correct = total = 0.0
+    return serving_scores(model, task, split, batch_size)["accuracy"]
+
+
+def serving_scores(model: keras.Model, task: Task, split: str = "test", batch_size: int = 256) -> dict[str, float]:
+    """`accuracy` as above and, for language models, `bits_per_token`: what compressed versions are compared by."""
+    correct = loss = total = 0.0
     for x, y in task.examples(split).batch(batch_size):
-        correct += float(tf.reduce_sum(correct_predictions(y, model(task.preprocess(x), training=False))))
+        logits = model(task.preprocess(x), training=False)
+        correct += float(tf.reduce_sum(correct_predictions(y, logits)))
+        loss += float(tf.reduce_sum(per_example_loss(y, logits)))
         total += int(tf.size(y))
-    return correct / total
+    scores = {"accuracy": correct / total}
+    if task.spec.kind != CLASSIFICATION:
+        scores["bits_per_token"] = loss / total / math.log(2)
+    return scores

@@ -18,10 +18,11 @@ import tensorflow as tf
 from absl import flags, logging
 from ml_collections import config_flags
 
-from kerasbig import (checkpoint, cli, config as config_lib, data, distribute, evaluation, export, lora, models,
-                      pretrained)
+from kerasbig import (checkpoint, cli, compress, config as config_lib, data, distribute, evaluation, export, lora,
+                      models, pretrained)
 from kerasbig.callbacks import (Dashboard, EarlyStopping, LearningRateScheduler, ProfileSteps, Throughput,
                                 WarmupDecay, peak_flops_per_device)
+from kerasbig.compress import quantization
 from kerasbig.data.spec import LANGUAGE_MODEL
 from kerasbig.errors import PREEMPTED_EXIT_CODE, RunError, UsageError, first_line
 from kerasbig.files import hold_workdir, write_atomically
@@ -159,6 +160,9 @@ def run() -> None:
         # A resumed run then restores its own checkpoint over the pretrained weights.
         model = models.build(task.spec, config.model, load_pretrained=True)
         optimizer = make_optimizer(config, FLAGS.mixed_precision, model)
+        compress.prepare(model, optimizer, config.compress)
+        train_loss = compress.train_loss(config.compress, config.data, task.spec, model)
+    quantization.check_model(model, quantization.parse_modes(config.export.quantize))
     check_resumable(workdir, config, FLAGS.seed)
     if chief:
         writable_dir(workdir, "--workdir")
@@ -173,13 +177,15 @@ def run() -> None:
           f"model {model.name}: {lora.describe(model, sizing.OPTIMIZER_SLOTS[config.optimizer.name])}; "
           f"{task.num_examples['train']} training examples")
 
-    trainer = Trainer(model, optimizer, task, strategy, config, workdir, is_chief=chief, seed=FLAGS.seed)
+    trainer = Trainer(model, optimizer, task, strategy, config, workdir, is_chief=chief, seed=FLAGS.seed,
+                      train_loss=train_loss)
     run_info = {"seed": FLAGS.seed, "mixed_precision": FLAGS.mixed_precision,
                 "replicas": strategy.num_replicas_in_sync}
     callbacks = make_callbacks(config, workdir if chief else None, task=task, total_steps=trainer.total_steps,
                                run_info=run_info, flops_per_step=estimate.train_flops_per_example * config.data.batch_size,
                                validation_predictions=trainer.latest_validation,
                                profile_steps=tuple(map(int, FLAGS.profile_steps)))
+    callbacks += compress.callbacks(model, workdir if chief else None, log_every_steps=config.train.log_every_steps)
     if FLAGS.mode in ("train", "train_and_export"):
         try:
             trainer.fit(callbacks)
@@ -203,7 +209,8 @@ def run() -> None:
     print(f"Logs: {workdir}  (tensorboard --logdir {workdir.parent})")
 
     if FLAGS.mode in ("train_and_export", "export") and chief:
-        model = lora.merged(model)  # adapters folded into the kernels: no LoRA variables in what is exported
+        # Adapters folded into the kernels, pruning masks dropped: no LoRA or mask variables in what is exported.
+        model = compress.servable(lora.merged(model))
     if FLAGS.mode in ("train_and_export", "export") and chief and FLAGS.export_format == "hf":
         folder = pretrained.export_hf(model, config.model, export_base / (
             export_name if FLAGS.export_dir else f"{export_name}-hf"), tokenizer=task.tokenizer,
@@ -216,9 +223,10 @@ def run() -> None:
         path = export.export(model, task, base=export_base, name=export_name, record=record,
                              stable_label=config.export.stable_label)
         print(f"SavedModel: {path}  (verified in a fresh process; serve with TF Serving or python -m kerasbig.serve)")
-        if config.export.quantize:
+        modes = quantization.parse_modes(config.export.quantize)
+        if modes:
             export_quantized(model, task, float_version=path, record=record, base=export_base, name=export_name,
-                             mode=config.export.quantize, stable_label=config.export.stable_label)
+                             modes=modes, stable_label=config.export.stable_label)
 
 
 def lora_summary(config, spec) -> str:
@@ -244,18 +252,28 @@ def check_resumable(workdir: pathlib.Path, config, seed: int) -> None:
 
 
 def export_quantized(model, task, *, float_version: pathlib.Path, record: dict, base: pathlib.Path, name: str,
-                     mode: str, stable_label: bool) -> None:
-    """Writes a quantized version after the float one; its kerasbig.json sets size and accuracy side by side."""
-    quantized = export.quantized_copy(model, mode)
+                     modes: list[str], stable_label: bool) -> None:
+    """Writes a quantized version per mode after the float one; each kerasbig.json sets size and test scores
+    side by side with the float version's."""
     float_record = json.loads((float_version / "assets.extra" / "kerasbig.json").read_text())
-    comparison = {"float": {"version": int(float_version.name), "size_bytes": float_record["size_bytes"],
-                            "test_accuracy": evaluation.accuracy(model, task)},
-                  mode: {"test_accuracy": evaluation.accuracy(quantized, task)}}
-    path = export.export(quantized, task, base=base, name=name, stable_label=stable_label,
-                         record={**record, "quantization": mode, "comparison": comparison})
-    size = json.loads((path / "assets.extra" / "kerasbig.json").read_text())["size_bytes"]
-    print(f"SavedModel ({mode}): {path}  {size / 1e6:.2f} MB, test accuracy {comparison[mode]['test_accuracy']:.4f} "
-          f"(float: {comparison['float']['size_bytes'] / 1e6:.2f} MB, {comparison['float']['test_accuracy']:.4f})")
+    float_scores = scores(model, task)
+    for mode in modes:
+        quantized = export.quantized_copy(model, mode)
+        comparison = {"float": {"version": int(float_version.name), "size_bytes": float_record["size_bytes"],
+                                **float_scores},
+                      mode: scores(quantized, task)}
+        path = export.export(quantized, task, base=base, name=name, stable_label=stable_label,
+                             record={**record, "quantization": mode, "comparison": comparison})
+        size = json.loads((path / "assets.extra" / "kerasbig.json").read_text())["size_bytes"]
+        print(f"SavedModel ({mode}): {path}  {size / 1e6:.2f} MB, test accuracy "
+              f"{comparison[mode]['test_accuracy']:.4f} (float: {comparison['float']['size_bytes'] / 1e6:.2f} MB, "
+              f"{comparison['float']['test_accuracy']:.4f})")
+
+
+def scores(model, task) -> dict[str, float]:
+    """The test split's scores of a version, as its kerasbig.json compares them: test_accuracy (and
+    test_bits_per_token for language models)."""
+    return {f"test_{key}": value for key, value in evaluation.serving_scores(model, task).items()}
 
 
 def make_callbacks(config, workdir: pathlib.Path | None, *, task, total_steps: int, run_info: dict,

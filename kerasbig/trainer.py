@@ -68,8 +68,11 @@ class Trainer:
 
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, task: Task,
                  strategy: tf.distribute.Strategy, config, workdir: pathlib.Path, *, is_chief: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, train_loss=None):
+        """`train_loss`: optional `(inputs, logits, per-example label losses) -> per-example training losses`
+        (distillation's); evaluation keeps the label loss."""
         self.model, self.optimizer, self.task, self.strategy = model, optimizer, task, strategy
+        self.train_loss = train_loss
         self.config, self.workdir, self.is_chief, self.seed = config, workdir, is_chief, seed
         self.global_batch = config.data.batch_size
         train = config.train
@@ -114,6 +117,8 @@ class Trainer:
             with tf.GradientTape() as tape:
                 logits = model(xs, training=True)
                 loss_values, correct, count = self._stats(ys, logits, tf.ones(tf.shape(ys)[:1]))
+                if self.train_loss is not None:
+                    loss_values = self.train_loss(xs, logits, loss_values)
                 loss = tf.reduce_sum(loss_values) / self._loss_denominator
                 scaled = optimizer.scale_loss(loss)
             step_grads = tape.gradient(scaled, [v.value for v in variables])
