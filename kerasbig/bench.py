@@ -10,6 +10,7 @@ times steps per second.
     python -m kerasbig.bench --cases=gpt_small --output=docs/benchmark.md
     python -m kerasbig.bench --suite=generation    # time per generated token, cached keys/values vs recomputing
     python -m kerasbig.bench --suite=cpu           # kerasbig's loop against model.fit and the bare step
+    python -m kerasbig.bench --suite=gpu           # kerasbig's JAX loop beside PyTorch's anchor (bench_gpu)
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from kerasbig import bench_loop, cli
+from kerasbig import bench_gpu, bench_loop, cli
 from kerasbig.errors import RunError, UsageError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -50,16 +51,16 @@ CASES = {case.name: case for case in [
     Case("gpt_small_bf16", "gpt_small", ("--mixed_precision=mixed_bfloat16",), steps=60),
 ]}
 
-SUITES = ("train", "cpu", "generation")
+SUITES = ("train", "cpu", "generation", "gpu")
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     flags.DEFINE_enum("suite", "train", SUITES, "train: throughput of the training cases through the real command; "
                       "cpu: kerasbig's loop side by side with model.fit and the bare step; generation: the decoding "
-                      "cache.")
+                      "cache; gpu: kerasbig's JAX loop at GPT-2-small shape beside the PyTorch anchor.")
     flags.DEFINE_list("cases", None, f"Cases to run (default all): train {', '.join(CASES)}; cpu "
-                      f"{', '.join(bench_loop.LOOP_CASES)}.")
+                      f"{', '.join(bench_loop.LOOP_CASES)}; gpu: batch sizes ({', '.join(bench_gpu.BATCHES)}).")
     flags.DEFINE_integer("repeats", 3, "cpu suite: interleaved repeats of each variant.", lower_bound=1)
     flags.DEFINE_string("output", "", "Also write the table, with the machine's description, to this Markdown file.")
 
@@ -135,11 +136,18 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    known = bench_loop.LOOP_CASES if FLAGS.suite == "cpu" else CASES
-    unknown = sorted(set(FLAGS.cases or []) - set(known))
-    if unknown:
-        raise UsageError(f"--cases: unknown {unknown}; choose from {list(known)}")
-    if FLAGS.suite == "generation":
+    if FLAGS.suite == "gpu":
+        unknown = [case for case in FLAGS.cases or [] if not case.isdigit()]
+        if unknown:
+            raise UsageError(f"--cases: {unknown} are not batch sizes; the gpu suite takes e.g. --cases=16,32")
+    else:
+        known = bench_loop.LOOP_CASES if FLAGS.suite == "cpu" else CASES
+        unknown = sorted(set(FLAGS.cases or []) - set(known))
+        if unknown:
+            raise UsageError(f"--cases: unknown {unknown}; choose from {list(known)}")
+    if FLAGS.suite == "gpu":
+        rows = bench_gpu.suite(FLAGS.cases or list(bench_gpu.BATCHES))
+    elif FLAGS.suite == "generation":
         rows = generation_rows()
     elif FLAGS.suite == "cpu":
         rows = bench_loop.suite(FLAGS.cases or list(bench_loop.LOOP_CASES), repeats=FLAGS.repeats)
@@ -150,6 +158,8 @@ def main() -> None:
             rows.append(run_case(CASES[name]))
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, "
                f"Python {platform.python_version()}")
+    if FLAGS.suite == "gpu":
+        machine += f"; {bench_gpu.device()}; {time.strftime('%Y-%m-%d')}"
     result = table(rows)
     print(f"\n{machine}\n\n{result}")
     if FLAGS.output:

@@ -186,7 +186,7 @@ class Checkpoints:
                 if not (isinstance(state, dict) and state.get("step") == step and "complete" in state):
                     raise ValueError("state.json does not describe this checkpoint")
                 arrays = {}
-                for npz in path.glob("*.npz"):
+                for npz in (p for p in path.glob("*.npz") if p.name != ARRAYS):  # the callbacks' arrays
                     with np.load(npz) as data:
                         arrays[npz.stem] = [data[f"arr_{i}"] for i in range(len(data.files))]
                 self._format(path).read(path)

@@ -13,7 +13,7 @@ import keras
 from kerasbig.data.spec import DataSpec
 from kerasbig.errors import UsageError
 from kerasbig.models.cnn import build_cnn
-from kerasbig.models.gpt import build_gpt
+from kerasbig.models.gpt import build_gpt, gpt_layout_map
 from kerasbig.models.mlp import build_mlp
 from kerasbig.models.resnet import build_resnet
 from kerasbig.models.rnn import build_rnn
@@ -27,6 +27,9 @@ BUILDERS = {
     "transformer": build_transformer,
     "gpt": build_gpt,
 }
+
+# Builders whose large weights can be sharded over a `model` mesh axis (`--strategy=model_parallel` on JAX).
+LAYOUT_MAPS = {"gpt": gpt_layout_map}
 
 
 def hyperparameters(model_config) -> tuple[str, dict]:
@@ -47,3 +50,11 @@ def build(spec: DataSpec, model_config) -> keras.Model:
     """Builds the model `model_config` names for data shaped by `spec`."""
     name, kwargs = hyperparameters(model_config)
     return BUILDERS[name](spec, **kwargs)
+
+
+def layout_map(model_config, mesh: keras.distribution.DeviceMesh) -> keras.distribution.LayoutMap:
+    """The builder's LayoutMap for `mesh` (variables it does not name are replicated)."""
+    if model_config.name not in LAYOUT_MAPS:
+        raise UsageError(f"config.model.name={model_config.name!r} has no model-parallel layout; "
+                         f"--strategy=model_parallel shards {sorted(LAYOUT_MAPS)} (use data_parallel)")
+    return LAYOUT_MAPS[model_config.name](mesh)
