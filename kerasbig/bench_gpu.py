@@ -1,8 +1,8 @@
 """`python -m kerasbig.bench --suite=gpu`: kerasbig's JAX loop at GPT-2-small shape beside the PyTorch anchor.
 
 Both run in the same command on the same GPU, one fresh process each: `python -m kerasbig.train --backend=jax`
-(kerasbig's loop, callbacks and all, bf16 mixed precision, byte-level text with GPT-2's padded vocabulary of
-50304) and the anchor `../shared/anchors/gpt_torch.py` (plain PyTorch, `torch.compile`, bf16 autocast). The shape
+(kerasbig's loop, callbacks and all, on `configs/gpt2_124m.py`: bf16 mixed precision, byte-level text, GPT-2's
+vocabulary padded to 50304, no accumulation) and the anchor `../shared/anchors/gpt_torch.py` (plain PyTorch, `torch.compile`, bf16 autocast). The shape
 comes from the anchor's own variables, so one setting sizes both: L layers, H heads, D width, T context, B batch
 (defaults 12, 12, 768, 1024; batches 16 and 32), STEPS. kerasbig's tokens/s and FLOP/s are what its run logged to
 TensorBoard (the first, compiling execution excluded), its FLOPs those of `--mode=dry_run`: the anchor's estimate,
@@ -46,11 +46,11 @@ def kerasbig_row(batch: int, size: dict[str, int]) -> dict:
     """kerasbig's JAX loop at this shape: tokens/s as its Throughput callback logged it."""
     steps = max(size["STEPS"], 4)
     with tempfile.TemporaryDirectory() as workdir:
-        command = [sys.executable, "-m", "kerasbig.train", "--backend=jax", "--config=configs/gpt_small.py",
+        command = [sys.executable, "-m", "kerasbig.train", "--backend=jax", "--config=configs/gpt2_124m.py",
                    "--mode=train", "--mixed_precision=mixed_bfloat16", f"--workdir={workdir}",
                    f"--config.model.depth={size['L']}", f"--config.model.heads={size['H']}",
                    f"--config.model.width={size['D']}", f"--config.model.vocab_size={VOCABULARY}",
-                   "--config.model.dropout=0.0", f"--config.data.seq_len={size['T']}",
+                   "--config.optimizer.accumulation_steps=1", f"--config.data.seq_len={size['T']}",
                    f"--config.data.batch_size={batch}", f"--config.data.eval_batch_size={batch}",
                    f"--config.train.steps={steps}", f"--config.train.eval_every_steps={steps}",
                    "--config.train.steps_per_execution=1", f"--config.train.log_every_steps={max(1, steps // 4)}"]

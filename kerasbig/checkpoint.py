@@ -141,15 +141,17 @@ class Checkpoints:
         self.directory = pathlib.Path(directory)
         self.keep = keep
         self.is_chief = is_chief
-        self._model, self._optimizer, self._io_device = model, optimizer, io_device
-        self._formats = {}
+        # Made now, before a learning-rate schedule replaces the optimizer's rate variable: a checkpoint then
+        # holds the same variables whenever it is written or read.
+        self._formats = {ArrayFormat: ArrayFormat(model, optimizer)}
+        if keras.backend.backend() == "tensorflow":
+            self._formats[TensorFlowFormat] = TensorFlowFormat(model, optimizer, io_device)
 
     def _format(self, folder: pathlib.Path):
-        """The format to read `folder` with (the current backend's for a new folder); made once per format."""
+        """The format to read `folder` with (the current backend's for a new folder)."""
         kind = format_of(folder)
         if kind not in self._formats:
-            io = {"io_device": self._io_device} if kind is TensorFlowFormat else {}
-            self._formats[kind] = kind(self._model, self._optimizer, **io)
+            raise ValueError("written by TensorFlow; resume it with --backend=tensorflow")
         return self._formats[kind]
 
     def steps(self) -> list[int]:

@@ -66,6 +66,7 @@ class JaxSteps:
             optimizer.build(model.trainable_variables)
         self._train_step = None  # jitted at the first step, once callbacks have installed the schedule
         self._eval_step = jax.jit(self._eval_sums)
+        self._eval_inputs = {}
         self._all_finite = jax.jit(lambda values: jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in values])))
 
     # ---- what the loop calls ------------------------------------------------------------------------
@@ -91,8 +92,10 @@ class JaxSteps:
 
     def evaluate(self, split: str, batch_size: int):
         """Yields (sums, predictions, labels, weights) as numpy for every global batch of `split`."""
+        if split not in self._eval_inputs:  # built once, iterated at every evaluation
+            self._eval_inputs[split] = pipeline.eval_batches(self.task, split, global_batch=batch_size)
         trainable, non_trainable, _ = self._state()
-        for x, y, w in pipeline.eval_batches(self.task, split, global_batch=batch_size).as_numpy_iterator():
+        for x, y, w in self._eval_inputs[split].as_numpy_iterator():
             sums, predictions = self._eval_step(trainable, non_trainable, *self._on_devices((x, y, w)))
             yield np.asarray(sums), np.asarray(predictions), y, w
 

@@ -61,20 +61,24 @@ def test_dry_run_plans_per_device_memory_of_the_sharded_layout(train, devices, f
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, pathlib.Path]:
-    """Workdirs of the same short training under each JAX strategy."""
-    root = tmp_path_factory.mktemp("jax")
-    for strategy in ("one_device", "data_parallel", "model_parallel"):
-        kerasbig("train", *TINY_GPT, *SHORT, "--mode=train", f"--strategy={strategy}",
-                 f"--workdir={root / strategy}", env=JAX)
-    return {strategy: root / strategy for strategy in ("one_device", "data_parallel", "model_parallel")}
+def runs(tmp_path_factory):
+    """`runs(strategy)`: the workdir of the same short training under that JAX strategy, trained once."""
+    root, done = tmp_path_factory.mktemp("jax"), {}
+
+    def run(strategy: str) -> pathlib.Path:
+        if strategy not in done:
+            kerasbig("train", *TINY_GPT, *SHORT, "--mode=train", f"--strategy={strategy}",
+                     f"--workdir={root / strategy}", env=JAX)
+            done[strategy] = root / strategy
+        return done[strategy]
+    return run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["data_parallel", "model_parallel"])
 def test_layouts_train_as_one_device_does(runs, strategy):
     """Same global batches, same updates: weights, optimizer slots and test loss agree with one device."""
-    assert_same_run(runs[strategy], runs["one_device"], rtol=1e-4)
+    assert_same_run(runs(strategy), runs("one_device"), rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -146,10 +150,10 @@ def test_sigkill_and_rerun_resumes_exactly_under_model_parallel(tmp_path):
 def test_a_jax_checkpoint_exports_under_tensorflow_to_the_same_predictions(runs, tmp_path):
     """`--mode=export` on TensorFlow reads the JAX run's weights.npz; the SavedModel, loaded in a fresh process,
     predicts the logits the JAX model computes from the same checkpoint."""
-    workdir = runs["one_device"]
+    workdir = runs("one_device")
     kerasbig("train", *TINY_GPT, *SHORT, "--backend=tensorflow", "--mode=export", f"--workdir={workdir}",
              f"--export_dir={tmp_path / 'gpt'}")
-    version = next((tmp_path / "gpt").iterdir())
+    version = next(p for p in (tmp_path / "gpt").iterdir() if p.name.isdigit())
     tokens = np.random.default_rng(0).integers(0, 64, size=(2, 32)).astype(np.int32)
     np.save(tmp_path / "tokens.npy", tokens)
     served = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
@@ -168,3 +172,16 @@ def test_a_jax_checkpoint_exports_under_tensorflow_to_the_same_predictions(runs,
     """)], cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **JAX})
     assert computed.returncode == 0, computed.stderr[-3000:]
     np.testing.assert_allclose(np.load(tmp_path / "served.npy"), np.load(tmp_path / "jax.npy"), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_kerasbigs_jax_loop_beside_the_anchor_at_a_tiny_shape():
+    """`bench --suite=gpu` trains through kerasbig's JAX loop and reports tokens/s and MFU; the PyTorch anchor
+    gets its own row (here without torch: saying why it did not run)."""
+    tiny = {"L": "1", "H": "2", "D": "32", "T": "32", "STEPS": "8", "PEAK_TFLOPS": "1"}
+    result = kerasbig("bench", "--suite=gpu", "--cases=4", env={**JAX, **tiny})
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
+    cells = {row[0].strip(): [cell.strip() for cell in row[1:]] for row in rows[1:]}
+    batch, tokens_per_second, mfu, _ = cells["kerasbig, JAX loop"]
+    assert batch == "4" and float(tokens_per_second.replace(",", "")) > 0 and float(mfu) > 0
+    assert any(name.startswith("PyTorch") for name in cells)
