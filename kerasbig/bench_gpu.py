@@ -46,11 +46,14 @@ def kerasbig_row(batch: int, size: dict[str, int]) -> dict:
     """kerasbig's JAX loop at this shape: tokens/s as its Throughput callback logged it."""
     steps = max(size["STEPS"], 4)
     with tempfile.TemporaryDirectory() as workdir:
-        command = [sys.executable, "-m", "kerasbig.train", "--backend=jax", "--config=configs/gpt2_124m.py",
+        command = [sys.executable, "-m", "kerasbig.train", "--backend=jax", "--strategy=one_device",
+                   "--config=configs/gpt2_124m.py",
                    "--mode=train", "--mixed_precision=mixed_bfloat16", f"--workdir={workdir}",
                    f"--config.model.depth={size['L']}", f"--config.model.heads={size['H']}",
                    f"--config.model.width={size['D']}", f"--config.model.vocab_size={VOCABULARY}",
                    "--config.optimizer.accumulation_steps=1", f"--config.data.seq_len={size['T']}",
+                   # Enough text for the steps, little to evaluate: the evaluations are not what is measured.
+                   f"--config.data.max_tokens={max(200_000, 40 * batch * size['T'])}",
                    f"--config.data.batch_size={batch}", f"--config.data.eval_batch_size={batch}",
                    f"--config.train.steps={steps}", f"--config.train.eval_every_steps={steps}",
                    "--config.train.steps_per_execution=1", f"--config.train.log_every_steps={max(1, steps // 4)}"]
