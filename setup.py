@@ -36,6 +36,8 @@ setup(
         "cpu": [],  # kept so that `pip install kerasbig[cpu]` keeps working: the base already runs on CPUs
         "gpu": ["tensorflow[and-cuda]" + TF_RANGE],
         "profile": ["tensorboard-plugin-profile>=2.15"],
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "pytest-timeout>=2.3,<3"],
+        # The JAX backend (keras.distribution data and model parallel); 0.4.34 is the oldest jax keras 3.10 runs on.
+        "jax": ["jax>=0.4.34,<0.11"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "pytest-timeout>=2.3,<3", "jax>=0.4.34,<0.11"],
     },
 )

@@ -1,5 +1,6 @@
 """kerasbig: train big Keras 3 models under tf.distribute, watch them in TensorBoard, serve them with TF Serving."""
 import os
+import sys
 
 
 def _import_tensorflow_quietly() -> None:
@@ -22,4 +23,21 @@ def _import_tensorflow_quietly() -> None:
         os.close(devnull)
 
 
-_import_tensorflow_quietly()
+def _backend_from_command_line() -> str:
+    """`--backend=NAME` (or `--backend NAME`) sets KERAS_BACKEND: it must be chosen before Keras is imported, which
+    happens before a command parses its flags. Returns the backend Keras will load."""
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        if arg.startswith("--backend="):
+            os.environ["KERAS_BACKEND"] = arg.split("=", 1)[1]
+        elif arg == "--backend" and i + 1 < len(argv):
+            os.environ["KERAS_BACKEND"] = argv[i + 1]
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+_BACKEND = _backend_from_command_line()
+try:
+    _import_tensorflow_quietly()
+except ImportError:
+    if _BACKEND == "tensorflow":
+        raise  # a JAX run needs no TensorFlow

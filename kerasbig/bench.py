@@ -12,6 +12,7 @@ times steps per second.
     python -m kerasbig.bench --suite=lora          # LoRA against full fine-tuning of gpt_small
     python -m kerasbig.bench --suite=cpu           # kerasbig's loop against model.fit and the bare step
     python -m kerasbig.bench --suite=compression --output=docs/compression.md  # pruning and quantization
+    python -m kerasbig.bench --suite=gpu           # kerasbig's JAX loop beside PyTorch's anchor (bench_gpu)
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from kerasbig import bench_loop, cli
+from kerasbig import bench_gpu, bench_loop, cli
 from kerasbig.compress import bench as compression
 from kerasbig.errors import RunError, UsageError
 
@@ -53,7 +54,7 @@ CASES = {case.name: case for case in [
     Case("gpt_small_bf16", "gpt_small", ("--mixed_precision=mixed_bfloat16",), steps=60),
 ]}
 
-SUITES = ("train", "cpu", "generation", "lora", "compression")
+SUITES = ("train", "cpu", "generation", "lora", "compression", "gpu")
 FLAGS = flags.FLAGS
 
 
@@ -61,9 +62,11 @@ def define_flags() -> None:
     flags.DEFINE_enum("suite", "train", SUITES, "train: throughput of the training cases through the real command; "
                       "cpu: kerasbig's loop side by side with model.fit and the bare step; generation: the decoding "
                       "cache; lora: LoRA against full fine-tuning; compression: size, accuracy and served latency "
-                      "of pruned and quantized versions.")
+                      "of pruned and quantized versions; gpu: kerasbig's JAX loop at GPT-2-small shape beside the "
+                      "PyTorch anchor.")
     flags.DEFINE_list("cases", None, f"Cases to run (default all): train {', '.join(CASES)}; cpu "
-                      f"{', '.join(bench_loop.LOOP_CASES)}; compression {', '.join(compression.MODELS)}.")
+                      f"{', '.join(bench_loop.LOOP_CASES)}; compression {', '.join(compression.MODELS)}; gpu: batch "
+                      f"sizes ({', '.join(bench_gpu.BATCHES)}).")
     flags.DEFINE_integer("repeats", 3, "cpu suite: interleaved repeats of each variant.", lower_bound=1)
     flags.DEFINE_string("output", "", "Also write the table, with the machine's description, to this Markdown file.")
 
@@ -176,10 +179,15 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    known = {"cpu": bench_loop.LOOP_CASES, "compression": compression.MODELS}.get(FLAGS.suite, CASES)
-    unknown = sorted(set(FLAGS.cases or []) - set(known))
-    if unknown:
-        raise UsageError(f"--cases: unknown {unknown}; choose from {list(known)}")
+    if FLAGS.suite == "gpu":
+        unknown = [case for case in FLAGS.cases or [] if not case.isdigit()]
+        if unknown:
+            raise UsageError(f"--cases: {unknown} are not batch sizes; the gpu suite takes e.g. --cases=16,32")
+    else:
+        known = {"cpu": bench_loop.LOOP_CASES, "compression": compression.MODELS}.get(FLAGS.suite, CASES)
+        unknown = sorted(set(FLAGS.cases or []) - set(known))
+        if unknown:
+            raise UsageError(f"--cases: unknown {unknown}; choose from {list(known)}")
     if FLAGS.suite == "compression":
         tables = compression.suite(FLAGS.cases or list(compression.MODELS))
         result = "\n\n".join(f"### {name}\n\n{table(rows)}" for name, rows in tables.items())
@@ -187,7 +195,9 @@ def main() -> None:
         if FLAGS.output:
             compression.write_results(pathlib.Path(FLAGS.output), f"Measured on {machine()}.\n\n{result}\n")
         return
-    if FLAGS.suite == "generation":
+    if FLAGS.suite == "gpu":
+        rows = bench_gpu.suite(FLAGS.cases or list(bench_gpu.BATCHES))
+    elif FLAGS.suite == "generation":
         rows = generation_rows()
     elif FLAGS.suite == "lora":
         rows = lora_rows()
@@ -205,8 +215,12 @@ def main() -> None:
 
 
 def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, "
-            f"Python {platform.python_version()}")
+    """The machine the figures come from; the gpu suite's with its device and the date."""
+    described = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, "
+                 f"Python {platform.python_version()}")
+    if FLAGS.suite == "gpu":
+        described += f"; {bench_gpu.device()}; {time.strftime('%Y-%m-%d')}"
+    return described
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def _bare_steps(trainer: Trainer, steps: int, spe: int, *, cached: bool, timer: 
     iterator = iter(trainer.strategy.distribute_datasets_from_function(dataset_fn))
     for done in range(0, steps, spe):
         timer.on_train_batch_begin(done)
-        trainer._train_fn(iterator, tf.constant(min(spe, steps - done)), tf.constant(0.0)).numpy()
+        trainer.steps.train(iterator, min(spe, steps - done), False)
         timer.on_train_batch_end(done)
 
 

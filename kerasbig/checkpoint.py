@@ -1,7 +1,10 @@
 """Atomic, chief-aware training checkpoints: model, optimizer and a JSON state, the last K kept.
 
-Layout: `<workdir>/checkpoints/step-00001234/{ckpt.index, ckpt.data-*, state.json, arrays.npz}`. Each is
-written to a temporary folder and renamed, so a reader (or a resume after SIGKILL) never sees half of one.
+Layout: `<workdir>/checkpoints/step-00001234/{weights, state.json, arrays.npz}`. Each is written to a temporary
+folder and renamed, so a reader (or a resume after SIGKILL) never sees half of one. The weights are in one of
+two formats, read whichever backend wrote them: a TensorFlow run writes a `tf.train.Checkpoint`
+(`ckpt.index`, `ckpt.data-*`: saved by every worker, through a TPU's host), a JAX run `weights.npz` (numpy
+alone: no TensorFlow needed to train, and `--mode=export` under TensorFlow reads it into the same model).
 Weights are saved under their Keras paths (`model/weights/<path>`, `optimizer/<path>`), so a checkpoint of
 another architecture is told apart from the right one instead of being read into the wrong variables; the
 states of the model's random-number generators (dropout's) are saved in order (`model/rng/<i>`), since their
@@ -16,13 +19,14 @@ import pathlib
 import shutil
 import tempfile
 
+import keras
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 from kerasbig.errors import first_line
 
 PREFIX = "step-"
+ARRAYS = "weights.npz"  # the TF-free format
 
 
 def folder(directory: pathlib.Path, step: int) -> pathlib.Path:
@@ -50,8 +54,8 @@ def latest_state(directory: pathlib.Path) -> dict | None:
 
 
 def by_path(variables) -> dict:
-    """{Keras path: backing variable}, what a checkpoint stores; raises if two variables share a path."""
-    paths = {v.path: v.value for v in variables}
+    """{Keras path: variable}, what a checkpoint stores; raises if two variables share a path."""
+    paths = {v.path: v for v in variables}
     if len(paths) != len(variables):
         raise ValueError("variables with the same path cannot be checkpointed by path")
     return paths
@@ -60,7 +64,71 @@ def by_path(variables) -> dict:
 def model_state(model) -> dict:
     """What a checkpoint keeps of a model: its weights by path and its random-number generators' states."""
     weights = {id(v) for v in model.weights}
-    return {"weights": by_path(model.weights), "rng": [v.value for v in model.variables if id(v) not in weights]}
+    return {"weights": by_path(model.weights), "rng": [v for v in model.variables if id(v) not in weights]}
+
+
+def flat_state(model, optimizer=None) -> dict:
+    """{key: variable}: `model/weights/<path>`, `model/rng/<i>` and `optimizer/<path>`, the keys of both formats."""
+    state = model_state(model)
+    flat = {f"model/weights/{path}": v for path, v in state["weights"].items()}
+    flat.update({f"model/rng/{i}": v for i, v in enumerate(state["rng"])})
+    if optimizer is not None:
+        flat.update({f"optimizer/{path}": v for path, v in by_path(optimizer.variables).items()})
+    return flat
+
+
+class TensorFlowFormat:
+    """The variables as a `tf.train.Checkpoint` under `<folder>/ckpt`."""
+
+    def __init__(self, model, optimizer=None, io_device: str | None = None):
+        import tensorflow as tf  # only a TensorFlow run writes (or a TensorFlow checkpoint is read with) this format
+        self._tf = tf
+        values = lambda variables: {key: v.value for key, v in variables.items()}
+        state = model_state(model)
+        objects = {"model": {"weights": values(state["weights"]), "rng": [v.value for v in state["rng"]]}}
+        if optimizer is not None:
+            objects["optimizer"] = values(by_path(optimizer.variables))
+        self._options = tf.train.CheckpointOptions(experimental_io_device=io_device)
+        self._checkpoint = tf.train.Checkpoint(**objects)
+
+    def write(self, folder: pathlib.Path) -> None:
+        self._checkpoint.write(str(folder / "ckpt"), options=self._options)
+
+    def read(self, folder: pathlib.Path) -> None:
+        status = self._checkpoint.read(str(folder / "ckpt"), options=self._options)
+        status.assert_existing_objects_matched().expect_partial()
+
+
+class ArrayFormat:
+    """The variables as numpy arrays in `<folder>/weights.npz`, keyed by `flat_state`; needs no TensorFlow."""
+
+    def __init__(self, model, optimizer=None):
+        self._variables = flat_state(model, optimizer)
+
+    def write(self, folder: pathlib.Path) -> None:
+        with open(folder / ARRAYS, "wb") as file:  # a file object: np.savez would append .npz to a name
+            np.savez(file, **{key: np.asarray(keras.ops.convert_to_numpy(v.value))
+                              for key, v in self._variables.items()})
+
+    def read(self, folder: pathlib.Path) -> None:
+        with np.load(folder / ARRAYS) as stored:
+            missing = [key for key in self._variables if key not in stored.files]
+            if missing:
+                raise ValueError(f"{len(missing)} variables are not in the checkpoint, e.g. {missing[0]}")
+            for key, variable in self._variables.items():
+                value = stored[key]
+                if tuple(value.shape) != tuple(variable.shape):
+                    raise ValueError(f"{key} has shape {value.shape} in the checkpoint, {variable.shape} here")
+                variable.assign(value)
+
+
+def format_of(folder: pathlib.Path) -> type:
+    """The format of the checkpoint in `folder`, or for a new one the current backend's."""
+    if (folder / ARRAYS).is_file():
+        return ArrayFormat
+    if (folder / "ckpt.index").is_file() or keras.backend.backend() == "tensorflow":
+        return TensorFlowFormat
+    return ArrayFormat
 
 
 class Checkpoints:
@@ -73,8 +141,18 @@ class Checkpoints:
         self.directory = pathlib.Path(directory)
         self.keep = keep
         self.is_chief = is_chief
-        self._options = tf.train.CheckpointOptions(experimental_io_device=io_device)
-        self._checkpoint = tf.train.Checkpoint(model=model_state(model), optimizer=by_path(optimizer.variables))
+        # Made now, before a learning-rate schedule replaces the optimizer's rate variable: a checkpoint then
+        # holds the same variables whenever it is written or read.
+        self._formats = {ArrayFormat: ArrayFormat(model, optimizer)}
+        if keras.backend.backend() == "tensorflow":
+            self._formats[TensorFlowFormat] = TensorFlowFormat(model, optimizer, io_device)
+
+    def _format(self, folder: pathlib.Path):
+        """The format to read `folder` with (the current backend's for a new folder)."""
+        kind = format_of(folder)
+        if kind not in self._formats:
+            raise ValueError("written by TensorFlow; resume it with --backend=tensorflow")
+        return self._formats[kind]
 
     def steps(self) -> list[int]:
         return saved_steps(self.directory)
@@ -87,7 +165,7 @@ class Checkpoints:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
         try:
-            self._checkpoint.write(str(tmp / "ckpt"), options=self._options)
+            self._format(tmp).write(tmp)
             for name, values in (arrays or {}).items():
                 np.savez(tmp / f"{name}.npz", *values)
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -110,11 +188,10 @@ class Checkpoints:
                 if not (isinstance(state, dict) and state.get("step") == step and "complete" in state):
                     raise ValueError("state.json does not describe this checkpoint")
                 arrays = {}
-                for npz in path.glob("*.npz"):
+                for npz in (p for p in path.glob("*.npz") if p.name != ARRAYS):  # the callbacks' arrays
                     with np.load(npz) as data:
                         arrays[npz.stem] = [data[f"arr_{i}"] for i in range(len(data.files))]
-                status = self._checkpoint.read(str(path / "ckpt"), options=self._options)
-                status.assert_existing_objects_matched().expect_partial()
+                self._format(path).read(path)
                 return state, arrays
             # Whatever a damaged checkpoint raises (OpError, IndexError for truncated data, ValueError, ...):
             # the previous checkpoint then overwrites every variable this one may have partly restored.
@@ -130,7 +207,6 @@ def load_model_weights(directory: pathlib.Path, model) -> int:
     steps = saved_steps(pathlib.Path(directory))
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}")
-    path = folder(directory, steps[-1]) / "ckpt"
-    status = tf.train.Checkpoint(model=model_state(model)).read(str(path))
-    status.expect_partial().assert_existing_objects_matched()
+    path = folder(directory, steps[-1])
+    format_of(path)(model).read(path)
     return steps[-1]

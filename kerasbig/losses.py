@@ -1,21 +1,23 @@
 """The loss and accuracy of integer labels against logits, the one definition training, evaluation and export
-comparisons share."""
+comparisons share, on either backend (keras.ops only)."""
 from __future__ import annotations
 
-import tensorflow as tf
+from keras import ops
 
 
-def per_example_loss(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float = 0.0) -> tf.Tensor:
+def per_example_loss(labels, logits, label_smoothing: float = 0.0):
     """Cross-entropy per example (or per token) from integer labels, with optional label smoothing,
     without materialising one-hot labels (vocabularies can be large)."""
-    logits = tf.cast(logits, tf.float32)
-    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    logits = ops.cast(logits, "float32")
+    log_normaliser = ops.logsumexp(logits, axis=-1)
+    label_logits = ops.squeeze(ops.take_along_axis(logits, ops.expand_dims(ops.cast(labels, "int32"), -1), -1), -1)
+    loss = log_normaliser - label_logits
     if label_smoothing:
-        uniform = tf.reduce_logsumexp(logits, -1) - tf.reduce_mean(logits, -1)
+        uniform = log_normaliser - ops.mean(logits, axis=-1)
         loss = (1 - label_smoothing) * loss + label_smoothing * uniform
     return loss
 
 
-def correct_predictions(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+def correct_predictions(labels, logits):
     """1.0 where the most likely class (or next token) is the label, else 0.0."""
-    return tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
+    return ops.cast(ops.equal(ops.cast(ops.argmax(logits, axis=-1), labels.dtype), labels), "float32")

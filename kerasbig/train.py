@@ -8,13 +8,13 @@ for the traceback); 75 preempted by SIGTERM after saving a checkpoint (rerun the
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import signal
 import sys
 import tempfile
 
 import keras
-import tensorflow as tf
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -35,6 +35,8 @@ CONFIGS = PACKAGE / "configs" if (PACKAGE / "configs").is_dir() else PACKAGE.par
 MODES = ("train_and_export", "train", "eval", "export", "dry_run")
 EXPORT_FORMATS = ("saved_model", "hf")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+BACKENDS = ("tensorflow", "jax")
+JAX_STRATEGIES = ("auto", "one_device", "data_parallel", "model_parallel")  # keras.distribution layouts
 DEFAULT_CONFIG = CONFIGS / "digits_cnn.py"
 
 FLAGS = flags.FLAGS
@@ -48,7 +50,12 @@ def define_flags() -> None:
     flags.DEFINE_string("mode", "train_and_export", f"One of {', '.join(MODES)}.")
     flags.DEFINE_string("export_format", "saved_model", "saved_model (for TF Serving) or hf (a Hugging Face folder "
                         "of a gpt or llama model, at --export_dir or saved_models/<name>-hf).")
-    flags.DEFINE_string("strategy", "auto", "auto, one_device, mirrored, multi_worker or tpu.")
+    flags.DEFINE_string("backend", os.environ.get("KERAS_BACKEND", "tensorflow"),
+                        "Keras backend, tensorflow or jax (default: KERAS_BACKEND); read before Keras is imported.")
+    flags.DEFINE_string("strategy", "auto", "TensorFlow: auto, one_device, mirrored, multi_worker or tpu; "
+                        "JAX: auto, one_device, data_parallel or model_parallel (see docs/distributed.md).")
+    flags.DEFINE_integer("num_devices", 0, "JAX: devices to lay the model over (0: all); dry_run: the devices "
+                         "of the plan (data_parallel: replicas; model_parallel: shards).")
     flags.DEFINE_string("tpu", "", "TPU name or grpc:// address for TPUClusterResolver.")
     flags.DEFINE_integer("num_cpu_replicas", 0, "Split the CPU into N logical devices (MirroredStrategy without GPUs).")
     flags.DEFINE_string("mixed_precision", "float32", f"One of {', '.join(PRECISIONS)}.")
@@ -89,10 +96,18 @@ def parse_flags(argv: list[str]) -> list[str]:
         FLAGS.config.keys()
     except Exception as err:
         cli.fail(2, _config_error(err, argv))
-    for name, accepted in (("mode", MODES), ("mixed_precision", PRECISIONS), ("strategy", distribute.STRATEGIES),
-                           ("export_format", EXPORT_FORMATS)):
+    for name, accepted in (("mode", MODES), ("mixed_precision", PRECISIONS), ("backend", BACKENDS),
+                           ("strategy", strategies(FLAGS.backend, FLAGS.mode)), ("export_format", EXPORT_FORMATS)):
         if FLAGS[name].value not in accepted:
             cli.fail(2, f"--{name}={FLAGS[name].value!r} is not one of {list(accepted)}")
+    if FLAGS.backend != keras.backend.backend():
+        cli.fail(2, f"--backend={FLAGS.backend} but Keras loaded {keras.backend.backend()}: KERAS_BACKEND must "
+                    "agree with --backend (or leave one of them unset)")
+    if FLAGS.backend == "jax" and FLAGS.mode == "export":
+        cli.fail(2, "--mode=export writes a SavedModel under TensorFlow: rerun with --backend=tensorflow (it reads "
+                    "the JAX run's checkpoint)")
+    if FLAGS.num_devices < 0:
+        cli.fail(2, f"--num_devices={FLAGS.num_devices} must be >= 0")
     if FLAGS.profile_steps and (len(FLAGS.profile_steps) != 2 or not all(s.isdigit() for s in FLAGS.profile_steps)):
         cli.fail(2, f"--profile_steps={','.join(FLAGS.profile_steps)} must be two step numbers A,B, e.g. 20,30")
     if FLAGS.num_cpu_replicas < 0:
@@ -100,6 +115,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     if not 0 <= FLAGS.seed < config_lib.SEED_LIMIT:
         cli.fail(2, f"--seed={FLAGS.seed} must be in [0, {config_lib.SEED_LIMIT})")
     return rest
+
+
+def strategies(backend: str, mode: str) -> tuple[str, ...]:
+    """The --strategy values of `backend`; a dry run plans any of them (it only sizes the model)."""
+    if mode == "dry_run":
+        return tuple(dict.fromkeys(distribute.STRATEGIES + JAX_STRATEGIES))
+    return JAX_STRATEGIES if backend == "jax" else distribute.STRATEGIES
 
 
 def config_name() -> str:
@@ -128,16 +150,20 @@ def run() -> None:
     if FLAGS.num_cpu_replicas > 1:
         distribute.split_cpu(FLAGS.num_cpu_replicas)
     keras.utils.set_random_seed(FLAGS.seed)
-    if FLAGS.deterministic:
+    if FLAGS.deterministic and FLAGS.backend == "tensorflow":  # XLA on JAX is deterministic on CPU already
+        import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(FLAGS.mixed_precision)
 
-    strategy = distribute.make(FLAGS.strategy, tpu=FLAGS.tpu, num_cpu_replicas=FLAGS.num_cpu_replicas)
-    chief = distribute.is_chief(strategy)
+    if FLAGS.mode == "dry_run" and FLAGS.strategy in ("data_parallel", "model_parallel"):
+        # Planned, not made: these layouts need no devices to be sized.
+        strategy, replicas, chief = None, (FLAGS.num_devices or 1) if FLAGS.strategy == "data_parallel" else 1, True
+    else:
+        strategy, replicas, chief = make_strategy(config)
     # A dry run plans from the spec and split sizes alone, without reading the examples.
     task = (data.load_plan if FLAGS.mode == "dry_run" else data.load_task)(config.data)
     if "train" in task.num_examples:  # unknown for a TFDS dataset not prepared here
-        config_lib.check_batch(config, splits=task.num_examples, replicas=strategy.num_replicas_in_sync)
+        config_lib.check_batch(config, splits=task.num_examples, replicas=replicas)
     name = config_name()
     workdir = pathlib.Path(FLAGS.workdir or pathlib.Path("logs") / name)
     export_name = config.export.name or name
@@ -146,11 +172,13 @@ def run() -> None:
         export_base, export_name = export_base.parent, export_base.name
 
     # Activations are held for one micro-batch at a time: the per-replica batch over accumulation steps.
-    micro_batch = config.data.batch_size // strategy.num_replicas_in_sync // config.optimizer.accumulation_steps
+    micro_batch = config.data.batch_size // replicas // config.optimizer.accumulation_steps
+    model_shards = (FLAGS.num_devices or 1) if FLAGS.strategy == "model_parallel" else 1
     estimate = sizing.estimate(task.spec, config.model, batch_per_replica=micro_batch,
-                               precision=FLAGS.mixed_precision, optimizer=config.optimizer.name)
+                               precision=FLAGS.mixed_precision, optimizer=config.optimizer.name,
+                               model_shards=model_shards)
     if FLAGS.mode == "dry_run":
-        print(f"{name}: {strategy.num_replicas_in_sync} replica(s), global batch {config.data.batch_size}, "
+        print(f"{name}: {replicas} replica(s), global batch {config.data.batch_size}, "
               f"{config.optimizer.accumulation_steps} accumulation step(s)\n{estimate.format()}")
         if lora.split(config.model)[1].enabled:
             print(f"with LoRA: {lora_summary(config, task.spec)}")
@@ -173,14 +201,14 @@ def run() -> None:
         config_lib.save_json(config, workdir / "config.json")
         for file_name, content in (task.tokenizer.files if task.tokenizer else {}).items():
             write_atomically(workdir / file_name, content)  # the run's own tokenizer, beside its checkpoints
-    print(f"Strategy {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s); "
+    print(f"Strategy {type(strategy).__name__} with {replicas} replica(s) on {FLAGS.backend}; "
           f"model {model.name}: {lora.describe(model, sizing.OPTIMIZER_SLOTS[config.optimizer.name])}; "
           f"{task.num_examples['train']} training examples")
 
     trainer = Trainer(model, optimizer, task, strategy, config, workdir, is_chief=chief, seed=FLAGS.seed,
                       train_loss=train_loss)
-    run_info = {"seed": FLAGS.seed, "mixed_precision": FLAGS.mixed_precision,
-                "replicas": strategy.num_replicas_in_sync}
+    run_info = {"seed": FLAGS.seed, "mixed_precision": FLAGS.mixed_precision, "replicas": replicas,
+                "backend": FLAGS.backend, "strategy": FLAGS.strategy}
     callbacks = make_callbacks(config, workdir if chief else None, task=task, total_steps=trainer.total_steps,
                                run_info=run_info, flops_per_step=estimate.train_flops_per_example * config.data.batch_size,
                                validation_predictions=trainer.latest_validation,
@@ -208,25 +236,30 @@ def run() -> None:
             write_atomically(metrics_path, json.dumps({"split": "test", **metrics}, indent=2))
     print(f"Logs: {workdir}  (tensorboard --logdir {workdir.parent})")
 
-    if FLAGS.mode in ("train_and_export", "export") and chief:
-        # Adapters folded into the kernels, pruning masks dropped: no LoRA or mask variables in what is exported.
-        model = compress.servable(lora.merged(model))
-    if FLAGS.mode in ("train_and_export", "export") and chief and FLAGS.export_format == "hf":
+    if FLAGS.mode not in ("train_and_export", "export") or not chief:
+        return
+    if FLAGS.backend != "tensorflow":
+        print(f"Export: python -m kerasbig.train --backend=tensorflow --mode=export --config=... --workdir={workdir} "
+              "(a SavedModel is written under TensorFlow, from this run's checkpoint)")
+        return
+    # Adapters folded into the kernels, pruning masks dropped: no LoRA or mask variables in what is exported.
+    model = compress.servable(lora.merged(model))
+    if FLAGS.export_format == "hf":
         folder = pretrained.export_hf(model, config.model, export_base / (
             export_name if FLAGS.export_dir else f"{export_name}-hf"), tokenizer=task.tokenizer,
             seq_len=task.spec.seq_len)
         print(f"Hugging Face folder: {folder}  (transformers.AutoModelForCausalLM.from_pretrained loads it)")
-    elif FLAGS.mode in ("train_and_export", "export") and chief:
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-        record = {"config": config_lib.to_dict(config), "config_name": name, "metrics": metrics,
-                  "step": int(optimizer.iterations.numpy()), "mixed_precision": FLAGS.mixed_precision}
-        path = export.export(model, task, base=export_base, name=export_name, record=record,
-                             stable_label=config.export.stable_label)
-        print(f"SavedModel: {path}  (verified in a fresh process; serve with TF Serving or python -m kerasbig.serve)")
-        modes = quantization.parse_modes(config.export.quantize)
-        if modes:
-            export_quantized(model, task, float_version=path, record=record, base=export_base, name=export_name,
-                             modes=modes, stable_label=config.export.stable_label)
+        return
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    record = {"config": config_lib.to_dict(config), "config_name": name, "metrics": metrics,
+              "step": trainer.steps.step(), "mixed_precision": FLAGS.mixed_precision}
+    path = export.export(model, task, base=export_base, name=export_name, record=record,
+                         stable_label=config.export.stable_label)
+    print(f"SavedModel: {path}  (verified in a fresh process; serve with TF Serving or python -m kerasbig.serve)")
+    modes = quantization.parse_modes(config.export.quantize)
+    if modes:
+        export_quantized(model, task, float_version=path, record=record, base=export_base, name=export_name,
+                         modes=modes, stable_label=config.export.stable_label)
 
 
 def lora_summary(config, spec) -> str:
@@ -235,6 +268,18 @@ def lora_summary(config, spec) -> str:
     with keras.StatelessScope(initialize_variables=False):
         model = models.build(spec, config.model)
     return lora.describe(model, sizing.OPTIMIZER_SLOTS[config.optimizer.name])
+
+
+def make_strategy(config) -> tuple:
+    """(strategy, data-parallel replicas, whether this process is the chief) of --strategy: a tf.distribute
+    strategy on TensorFlow, a keras.distribution layout on JAX (set globally, so the model is built in it)."""
+    if FLAGS.backend == "jax":
+        from kerasbig import jax_steps  # imports JAX
+        distribution = jax_steps.make_distribution(FLAGS.strategy, config.model, num_devices=FLAGS.num_devices)
+        keras.distribution.set_distribution(distribution)
+        return distribution, distribution.num_model_replicas, True
+    strategy = distribute.make(FLAGS.strategy, tpu=FLAGS.tpu, num_cpu_replicas=FLAGS.num_cpu_replicas)
+    return strategy, strategy.num_replicas_in_sync, distribute.is_chief(strategy)
 
 
 def check_resumable(workdir: pathlib.Path, config, seed: int) -> None:

@@ -1,10 +1,16 @@
-"""kerasbig's training loop: `strategy.run` steps inside compiled multi-step calls, driving Keras callbacks.
+"""kerasbig's training loop, one design for both backends: this loop drives a per-backend steps object.
+
+The loop (here) owns what a run means: cadences, Keras callbacks, checkpoints and resume, preemption, early
+stopping and the run state. The steps object computes: `kerasbig.tf_steps.TensorFlowSteps` (`strategy.run` in
+compiled multi-step calls, under any tf.distribute strategy) or `kerasbig.jax_steps.JaxSteps` (a jitted
+stateless step with donated state, under a `keras.distribution` data- or model-parallel layout). Both give
+`train(iterator, steps, sigterm)` -> [loss sum, correct sum, count, SIGTERM votes, next learning rate],
+`evaluate(split, batch_size)`, `step()`, `all_finite()`; this module imports no TensorFlow.
 
 Why a loop of our own rather than `model.fit`: Keras 3's `fit` fails under MultiWorkerMirroredStrategy
 (keras-team/keras#20585); `BackupAndRestore` only resumes at epoch starts, and we resume at the exact step;
 and Keras clips gradients per replica before the all-reduce, so global-norm clipping would see only a part
-of the gradient. The same loop runs on one device, Mirrored, MultiWorkerMirrored and TPU strategies, and
-any `keras.callbacks.Callback` works in it as in `fit`.
+of the gradient. Any `keras.callbacks.Callback` works in it as in `fit`.
 
 The loop counts optimizer steps. One input stream serves the whole run (built once, resumable at any step),
 and cadences are in steps: what callbacks see as an epoch is the `period` of steps between two evaluations
@@ -18,7 +24,6 @@ voted on in the next step's all-reduce) and the step to resume from (checked acr
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import pathlib
@@ -27,22 +32,28 @@ import threading
 
 import keras
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 from kerasbig import config as config_lib
-from kerasbig import distribute
-from kerasbig.callbacks import StopOnNonFiniteLoss
+from kerasbig.callbacks.nonfinite import StopOnNonFiniteLoss
 from kerasbig.checkpoint import Checkpoints
-from kerasbig.data import pipeline
 from kerasbig.data.spec import LANGUAGE_MODEL, Task
-from kerasbig.errors import RunError
+from kerasbig.errors import RunError, UsageError
 from kerasbig.files import remove_temporaries
-from kerasbig.losses import correct_predictions, per_example_loss
 
 
-def _already_reduced(grads_and_vars):
-    return grads_and_vars
+def make_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, task: Task, strategy, config, *,
+               seed: int, loss_denominator: float, train_loss=None):
+    """The steps object of the current Keras backend (imported here: a JAX run never loads TensorFlow's)."""
+    if keras.backend.backend() == "jax":
+        if train_loss is not None:
+            raise UsageError("distillation (config.compress.teacher) trains on the TensorFlow backend; rerun with "
+                             "--backend=tensorflow")
+        from kerasbig.jax_steps import JaxSteps
+        return JaxSteps(model, optimizer, task, strategy, config, seed=seed, loss_denominator=loss_denominator)
+    from kerasbig.tf_steps import TensorFlowSteps
+    return TensorFlowSteps(model, optimizer, task, strategy, config, seed=seed, loss_denominator=loss_denominator,
+                           train_loss=train_loss)
 
 
 @dataclasses.dataclass
@@ -66,135 +77,32 @@ class Sums:
 class Trainer:
     """Trains `model` on `task` under `strategy`; checkpoints to `workdir/checkpoints` and resumes from it."""
 
-    def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, task: Task,
-                 strategy: tf.distribute.Strategy, config, workdir: pathlib.Path, *, is_chief: bool = True,
-                 seed: int = 0, train_loss=None):
-        """`train_loss`: optional `(inputs, logits, per-example label losses) -> per-example training losses`
+    def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, task: Task, strategy, config,
+                 workdir: pathlib.Path, *, is_chief: bool = True, seed: int = 0, train_loss=None):
+        """`strategy`: a tf.distribute strategy on TensorFlow, a `keras.distribution.Distribution` on JAX.
+        `train_loss`: optional `(inputs, logits, per-example label losses) -> per-example training losses`
         (distillation's); evaluation keeps the label loss."""
         self.model, self.optimizer, self.task, self.strategy = model, optimizer, task, strategy
-        self.train_loss = train_loss
         self.config, self.workdir, self.is_chief, self.seed = config, workdir, is_chief, seed
         self.global_batch = config.data.batch_size
         train = config.train
-        self.total_steps = train.steps or train.epochs * pipeline.steps_per_epoch(task, self.global_batch)
-        self.period = min(train.eval_every_steps or pipeline.steps_per_epoch(task, self.global_batch),
-                          self.total_steps)
+        steps_per_epoch = task.num_examples["train"] // self.global_batch  # the last partial batch is dropped
+        self.total_steps = train.steps or train.epochs * steps_per_epoch
+        self.period = min(train.eval_every_steps or steps_per_epoch, self.total_steps)
         self.epochs = math.ceil(self.total_steps / self.period)  # evaluation periods, what callbacks call epochs
         tokens = task.spec.seq_len if task.spec.kind == LANGUAGE_MODEL else 1
-        self._loss_denominator = float(self.global_batch * tokens)
-        with strategy.scope():
-            optimizer.build(model.trainable_variables)
-        # We all-reduce gradients ourselves (so clipping sees the global gradient); the optimizer must not
-        # sum them a second time.
-        getattr(optimizer, "inner_optimizer", optimizer)._all_reduce_sum_gradients = _already_reduced
+        self.steps = make_steps(model, optimizer, task, strategy, config, seed=seed,
+                                loss_denominator=float(self.global_batch * tokens), train_loss=train_loss)
         model.optimizer = optimizer  # what callbacks read, as under fit()
-        # A remote TPU worker would write checkpoints on its own disk: files go through this host instead.
-        io_device = "/job:localhost" if isinstance(strategy, tf.distribute.TPUStrategy) else None
         self.checkpoints = Checkpoints(workdir / "checkpoints", model=model, optimizer=optimizer,
-                                       keep=train.keep_checkpoints, is_chief=is_chief, io_device=io_device)
+                                       keep=train.keep_checkpoints, is_chief=is_chief,
+                                       io_device=getattr(self.steps, "io_device", None))
         if is_chief:  # the chief holds the workdir's lock: what a killed save left there is stale
             remove_temporaries(self.checkpoints.directory)
-        self._train_fn = self._make_train_function()
-        self._eval_fn = self._make_eval_function()
-        self._all_finite = self._make_finite_check()
-        self._eval_inputs: dict[str, tf.distribute.DistributedDataset] = {}
         self._sigterm = False
         self._validation: tuple[np.ndarray, np.ndarray] | None = None
 
-    # ---- compiled functions -------------------------------------------------------------------------
-    def _stats(self, labels, logits, weights):
-        """(loss sum, correct sum, count) of one replica's batch; weights are per example."""
-        loss = per_example_loss(labels, logits, self.config.optimizer.label_smoothing)
-        correct = correct_predictions(labels, logits)
-        weights = tf.broadcast_to(tf.reshape(weights, [-1] + [1] * (len(loss.shape) - 1)), tf.shape(loss))
-        return loss * weights, correct * weights, weights
-    def _replica_train_step(self, x, y):
-        model, optimizer = self.model, self.optimizer
-        variables = model.trainable_variables
-        micro_batches = self.config.optimizer.accumulation_steps
-        grads, totals = None, [0.0, 0.0, 0.0]
-        for xs, ys in zip(tf.split(x, micro_batches), tf.split(y, micro_batches)):
-            with tf.GradientTape() as tape:
-                logits = model(xs, training=True)
-                loss_values, correct, count = self._stats(ys, logits, tf.ones(tf.shape(ys)[:1]))
-                if self.train_loss is not None:
-                    loss_values = self.train_loss(xs, logits, loss_values)
-                loss = tf.reduce_sum(loss_values) / self._loss_denominator
-                scaled = optimizer.scale_loss(loss)
-            step_grads = tape.gradient(scaled, [v.value for v in variables])
-            grads = step_grads if grads is None else [g + s for g, s in zip(grads, step_grads)]
-            totals = [t + tf.reduce_sum(v) for t, v in zip(totals, (loss_values, correct, count))]
-        grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        clip_norm = self.config.optimizer.clip_norm
-        if clip_norm > 0:
-            scale = optimizer.loss_scale_factor if optimizer.loss_scale_factor is not None else 1.0
-            grads, _ = tf.clip_by_global_norm(grads, clip_norm * scale)
-        optimizer.apply(grads, variables)
-        return tf.stack(totals)
-
-    def _make_train_function(self):
-        step = self._replica_train_step
-        if self.config.train.jit_compile:
-            step = tf.function(step, jit_compile=True)
-
-        def step_and_vote(x, y, sigterm):
-            return tf.concat([step(x, y), [sigterm]], 0)
-
-        @tf.function
-        def train(iterator, steps, sigterm):
-            """Runs `steps` steps; returns the summed (loss, correct, count), riding on the same all-reduce the
-            number of replicas whose worker got a SIGTERM (`sigterm` is this worker's 0 or 1), and the learning
-            rate the optimizer applies next (so callbacks need not evaluate the schedule on the host)."""
-            totals = tf.zeros([4])
-            for _ in tf.range(steps):
-                x, y = next(iterator)
-                totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                               self.strategy.run(step_and_vote, (x, y, sigterm)), None)
-            return tf.concat([totals, [tf.cast(self.optimizer.learning_rate, tf.float32)]], 0)
-        return train
-
-    def _make_eval_function(self):
-        def step(x, y, w):
-            logits = self.model(x, training=False)
-            loss, correct, count = self._stats(y, logits, w)
-            sums = tf.stack([tf.reduce_sum(loss), tf.reduce_sum(correct), tf.reduce_sum(count)])
-            predictions = tf.argmax(logits, -1, output_type=tf.int32)
-            return sums, predictions, y, w
-
-        @tf.function
-        def evaluate(batch):
-            sums, predictions, labels, weights = self.strategy.run(step, batch)
-            gather = lambda t: self.strategy.gather(t, axis=0)
-            return (self.strategy.reduce(tf.distribute.ReduceOp.SUM, sums, None),
-                    gather(predictions), gather(labels), gather(weights))
-        return evaluate
-
-    def _make_finite_check(self):
-        """A compiled check that every floating-point model and optimizer variable is finite."""
-        variables = [v.value for v in self.model.variables + self.optimizer.variables
-                     if keras.backend.is_float_dtype(v.dtype)]
-        return tf.function(lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
-
-    # ---- data ---------------------------------------------------------------------------------------
-    def _train_iterator(self, start_step: int):
-        """The run's one training iterator, from `start_step` to the last step."""
-        def dataset_fn(context):
-            return pipeline.train_batches(self.task, global_batch=self.global_batch, seed=self.seed,
-                                          start_step=start_step, total_steps=self.total_steps, context=context)
-        return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
-
-    def _eval_input(self, split: str) -> tf.distribute.DistributedDataset:
-        """The distributed batches of `split`, built once and iterated at every evaluation."""
-        if split not in self._eval_inputs:
-            # No larger than the split (rounded up to the replicas): the last batch is padded to full size.
-            replicas = self.strategy.num_replicas_in_sync
-            batch = min(self.config.data.eval_batch_size, -(-self.task.num_examples[split] // replicas) * replicas)
-
-            def dataset_fn(context):
-                return pipeline.eval_batches(self.task, split, global_batch=batch, context=context)
-            self._eval_inputs[split] = self.strategy.distribute_datasets_from_function(dataset_fn)
-        return self._eval_inputs[split]
-
+    # ---- evaluation ---------------------------------------------------------------------------------
     def evaluate(self, split: str, callbacks: keras.callbacks.CallbackList | None = None
                  ) -> tuple[Sums, np.ndarray, np.ndarray]:
         """Loss and accuracy sums over every example of `split`, plus labels and predicted classes
@@ -203,15 +111,18 @@ class Trainer:
         sums, labels, predictions = Sums(), [], []
         if callbacks is not None:
             callbacks.on_test_begin()
-        with self._cluster_errors(f"evaluating {split}"):
-            for index, batch in enumerate(self._eval_input(split)):
+        # No larger than the split (rounded up to the replicas): the last batch is padded to full size.
+        replicas = self.steps.replicas
+        batch_size = min(self.config.data.eval_batch_size, -(-self.task.num_examples[split] // replicas) * replicas)
+        with self.steps.cluster_errors(f"evaluating {split}"):
+            for index, (batch_sums, batch_predictions, batch_labels, weights) in enumerate(
+                    self.steps.evaluate(split, batch_size)):
                 if callbacks is not None:
                     callbacks.on_test_batch_begin(index)
-                batch_sums, batch_predictions, batch_labels, weights = self._eval_fn(batch)
-                sums.add(batch_sums.numpy())
-                keep = weights.numpy() > 0
-                labels.append(batch_labels.numpy()[keep])
-                predictions.append(batch_predictions.numpy()[keep])
+                sums.add(batch_sums)
+                keep = weights > 0
+                labels.append(batch_labels[keep])
+                predictions.append(batch_predictions[keep])
                 if callbacks is not None:
                     callbacks.on_test_batch_end(index, sums.logs())
         if callbacks is not None:
@@ -228,8 +139,8 @@ class Trainer:
     def _save(self, callbacks: list, *, complete: bool = False) -> None:
         """Checkpoints the current state; weights that are no longer finite are never saved, so the last
         good checkpoint survives a divergence."""
-        step = int(self.optimizer.iterations.numpy())
-        if not self._all_finite():
+        step = self.steps.step()
+        if not self.steps.all_finite():
             raise RunError(f"the weights are no longer finite at step {step}; training stopped and the last "
                            f"good checkpoint in {self.checkpoints.directory} was kept (lower the learning rate "
                            "or set --config.optimizer.clip_norm)")
@@ -261,14 +172,7 @@ class Trainer:
 
     def _check_workers_agree(self, step: int) -> None:
         """Every worker must resume from the same step; they do when they share the chief's workdir."""
-        if not distribute.is_multi_worker(self.strategy):
-            return
-        @tf.function
-        def every_workers_step():
-            return self.strategy.gather(self.strategy.run(lambda: tf.constant([step], tf.int64)), axis=0)
-
-        with self._cluster_errors("starting"):
-            steps = sorted(set(every_workers_step().numpy().tolist()))
+        steps = self.steps.check_workers_agree(step)
         if len(steps) > 1:
             raise RunError(f"the workers found different checkpoints to resume from (steps {steps}): give every "
                            f"worker the same --workdir on a filesystem they share (this worker's is {self.workdir})")
@@ -280,7 +184,7 @@ class Trainer:
         if state and state["complete"] and (state.get("stopped_early") or state["step"] >= self.total_steps):
             print(f"Training in {self.workdir} is already complete (step {state['step']}); nothing to resume.")
             return {}
-        step = int(self.optimizer.iterations.numpy())
+        step = self.steps.step()
         if step:
             print(f"Resuming from step {step} (epoch {step // self.period + 1}, batch {step % self.period}).")
         nonfinite = StopOnNonFiniteLoss()
@@ -290,7 +194,7 @@ class Trainer:
         on_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if on_main_thread else None
         try:
-            with self._cluster_errors("training"):
+            with self.steps.cluster_errors("training"):
                 logs = self._run(callback_list, callbacks, nonfinite, step)
         except (Preempted, RunError):
             callback_list.on_train_end()  # flushes the logs of a run that stops early
@@ -305,7 +209,7 @@ class Trainer:
         callback_list.on_train_begin()
         logs: dict[str, float] = {}
         self.model.stop_training = False
-        iterator = self._train_iterator(step)
+        iterator = self.steps.train_iterator(step, self.total_steps)
         for epoch in range(step // self.period, self.epochs):
             start, end = epoch * self.period, min((epoch + 1) * self.period, self.total_steps)
             callback_list.on_epoch_begin(epoch)
@@ -313,7 +217,7 @@ class Trainer:
             while step < end and not self.model.stop_training:
                 n = min(train.steps_per_execution, end - step, self._steps_to_checkpoint(step))
                 callback_list.on_train_batch_begin(step - start)
-                values = self._train_fn(iterator, tf.constant(n), tf.constant(float(self._sigterm))).numpy()
+                values = self.steps.train(iterator, n, self._sigterm)
                 sums.add(values[:3])
                 step += n
                 logs = {**sums.logs(), "learning_rate": float(values[4])}
@@ -322,7 +226,7 @@ class Trainer:
                     raise RunError(f"{nonfinite.message} and the last good checkpoint in {self.checkpoints.directory} "
                                    "was kept (lower the learning rate or set --config.optimizer.clip_norm)")
                 # A SIGTERM on any worker is seen by all in the vote, and they all save and stop here.
-                if values[3] or (self._sigterm and not distribute.is_multi_worker(self.strategy)):
+                if values[3] or (self._sigterm and not self.steps.multi_worker):
                     self._save(callbacks)
                     raise Preempted(step)
                 if self._steps_to_checkpoint(step) == train.checkpoint_every_steps and step < end:
@@ -347,19 +251,6 @@ class Trainer:
     def _on_sigterm(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint after the current step")
         self._sigterm = True
-
-    @contextlib.contextmanager
-    def _cluster_errors(self, doing: str):
-        """Turns the errors of collectives aborted by a lost worker into one clear RunError."""
-        try:
-            yield
-        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError) as err:
-            if not distribute.is_multi_worker(self.strategy):
-                raise
-            raise RunError(
-                f"lost contact with another worker while {doing} at step {int(self.optimizer.iterations.numpy())} "
-                f"({type(err).__name__}: a worker died, froze or became unreachable; TensorFlow's log above names "
-                f"it); rerun every worker with the same command to resume from the last checkpoint") from None
 
 
 class Preempted(Exception):

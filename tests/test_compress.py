@@ -1,7 +1,6 @@
 """Compression: pruning's schedule and masks in the compiled step, across SIGKILL and resume, and into the
 SavedModel; its bad inputs."""
 import json
-import pathlib
 import signal
 import subprocess
 import sys

@@ -9,7 +9,6 @@ import time
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import REPO, checkpoint_weights, kerasbig
 
 from kerasbig import export, lora, models

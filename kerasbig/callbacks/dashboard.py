@@ -134,7 +134,8 @@ class Dashboard(keras.callbacks.Callback):
         root.close()
         with self._writers["train"].as_default(step=0):
             tf.summary.text("config", markdown_table(["key", "value"], self.hparams.items()))
-            self._write_graph()
+            if keras.backend.backend() == "tensorflow":  # TensorBoard's graph is a TensorFlow op graph
+                self._write_graph()
         self._writers["train"].flush()
 
     def _write_graph(self) -> None:
@@ -146,7 +147,10 @@ class Dashboard(keras.callbacks.Callback):
 
     def _write_evaluation(self) -> None:
         spec = self.task.spec
-        if spec.kind == LANGUAGE_MODEL and self.model.name in generation.DECODERS:
+        # JAX compiles every op anew for each new shape, and today's decoding grows its inputs token by token
+        # (minutes for one sample): samples wait for generation with a preallocated cache there.
+        if (spec.kind == LANGUAGE_MODEL and self.model.name in generation.DECODERS
+                and keras.backend.backend() == "tensorflow"):
             tf.summary.text("sample", self._sample())
         if spec.kind != CLASSIFICATION or self.validation_predictions is None:
             return

@@ -14,7 +14,7 @@ from kerasbig import lora
 from kerasbig.data.spec import DataSpec
 from kerasbig.errors import UsageError
 from kerasbig.models.cnn import build_cnn
-from kerasbig.models.gpt import build_gpt
+from kerasbig.models.gpt import build_gpt, gpt_layout_map
 from kerasbig.models.llama import build_llama
 from kerasbig.models.mlp import build_mlp
 from kerasbig.models.resnet import build_resnet
@@ -30,6 +30,9 @@ BUILDERS = {
     "gpt": build_gpt,
     "llama": build_llama,
 }
+
+# Builders whose large weights can be sharded over a `model` mesh axis (`--strategy=model_parallel` on JAX).
+LAYOUT_MAPS = {"gpt": gpt_layout_map}
 
 
 def hyperparameters(model_config) -> tuple[str, dict]:
@@ -64,3 +67,11 @@ def build(spec: DataSpec, model_config, *, load_pretrained: bool = False) -> ker
         pretrained.load_weights(model, model_config)
     lora.apply(model, lora.split(model_config)[1])
     return model
+
+
+def layout_map(model_config, mesh: keras.distribution.DeviceMesh) -> keras.distribution.LayoutMap:
+    """The builder's LayoutMap for `mesh` (variables it does not name are replicated)."""
+    if model_config.name not in LAYOUT_MAPS:
+        raise UsageError(f"config.model.name={model_config.name!r} has no model-parallel layout; "
+                         f"--strategy=model_parallel shards {sorted(LAYOUT_MAPS)} (use data_parallel)")
+    return LAYOUT_MAPS[model_config.name](mesh)

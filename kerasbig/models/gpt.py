@@ -188,6 +188,22 @@ def build_gpt(spec: DataSpec, *, width: int = 768, depth: int = 12, heads: int =
     return keras.Model(tokens, logits, name="gpt")
 
 
+def gpt_layout_map(mesh: keras.distribution.DeviceMesh) -> keras.distribution.LayoutMap:
+    """Megatron-style sharding over the mesh's `model` axis: the embeddings along the width, the QKV and the
+    first MLP kernels by output column, the attention output and second MLP kernels by input row (so each
+    block needs one all-reduce after attention and one after the MLP). LayerNorms and the other biases are
+    replicated; the optimizer's slots follow their variables."""
+    layout = keras.distribution.LayoutMap(mesh)  # keys are regular expressions matching whole variable paths
+    for path, axes in (("token_embedding/embeddings", (None, "model")),
+                       ("position_embedding/embeddings", (None, "model")),
+                       ("attn/qkv/kernel", (None, "model")), ("attn/qkv/bias", ("model",)),
+                       ("attn/out/kernel", ("model", None)),
+                       ("mlp_fc/kernel", (None, "model")), ("mlp_fc/bias", ("model",)),
+                       ("mlp_proj/kernel", ("model", None))):
+        layout[f"(.*/)?{path}"] = axes
+    return layout
+
+
 def context_length(model: keras.Model) -> int:
     """The most positions a built GPT can attend over (its position table)."""
     return model.get_layer("position_embedding").max_length

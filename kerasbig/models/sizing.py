@@ -14,6 +14,9 @@ Conventions:
   2022, eq. 1, without dropout masks), plus float32 logits and their softmax; for built models every layer's
   output, attention probabilities, and each recurrent step's gates and state. Framework workspace and
   fragmentation are not included.
+- Model parallel (`model_shards` > 1, GPT's `LayoutMap`): each device holds 1/model_shards of the sharded
+  weights (embeddings, attention and MLP kernels, their biases) and their gradients and optimizer slots, and
+  all of the replicated ones (LayerNorms, the other biases); activations are counted unsharded, an upper bound.
 """
 from __future__ import annotations
 
@@ -41,11 +44,13 @@ class _Counts(NamedTuple):
     forward_flops: int
     activations: int  # values backprop keeps in the compute dtype
     float32_activations: int = 0  # values kept in float32 whatever the policy (GPT's logits)
+    sharded: int = 0  # parameters a model-parallel layout splits over the `model` axis
 
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """Size of one model configuration; FLOPs per example, memory per replica in bytes."""
+    """Size of one model configuration; FLOPs per example, memory per replica (per device when the model is
+    sharded over `model_shards` devices) in bytes."""
 
     model: str
     batch_per_replica: int
@@ -60,6 +65,7 @@ class Estimate:
     gradient_bytes: int
     optimizer_bytes: int
     activation_bytes: int
+    model_shards: int = 1
 
     @property
     def total_bytes(self) -> int:
@@ -77,7 +83,9 @@ class Estimate:
         if self.train_flops_per_token is not None:
             rows.append(("training FLOPs / token", _flops(self.train_flops_per_token)))
         rows += [
-            ("memory / replica", f"batch {self.batch_per_replica}, {self.precision}, {self.optimizer}"),
+            ("memory / replica" if self.model_shards == 1 else "memory / device",
+             f"batch {self.batch_per_replica}, {self.precision}, {self.optimizer}"
+             + (f", weights sharded {self.model_shards} ways" if self.model_shards > 1 else "")),
             ("  weights", _bytes(self.weight_bytes)),
             ("  gradients", _bytes(self.gradient_bytes)),
             ("  optimizer state", _bytes(self.optimizer_bytes)),
@@ -98,8 +106,9 @@ def _bytes(n: float) -> str:
 
 
 def estimate(spec: DataSpec, model_config, *, batch_per_replica: int, precision: str = "float32",
-             optimizer: str = "adamw") -> Estimate:
-    """Sizes the model `model_config` describes for data shaped by `spec`.
+             optimizer: str = "adamw", model_shards: int = 1) -> Estimate:
+    """Sizes the model `model_config` describes for data shaped by `spec`, its variables sharded over
+    `model_shards` devices (model parallel; GPT only).
 
     >>> import ml_collections
     >>> from kerasbig.data.spec import DataSpec
@@ -107,6 +116,9 @@ def estimate(spec: DataSpec, model_config, *, batch_per_replica: int, precision:
     >>> gpt2 = ml_collections.ConfigDict({"name": "gpt", "width": 768, "depth": 12, "heads": 12})
     >>> estimate(spec, gpt2, batch_per_replica=8).total_params
     124439808
+    >>> full, eighth = (estimate(spec, gpt2, batch_per_replica=8, model_shards=n).weight_bytes for n in (1, 8))
+    >>> round(full / eighth, 2)  # LayerNorms and some biases stay whole on every device
+    7.97
     """
     if precision not in PRECISION_BYTES:
         raise UsageError(f"precision={precision!r} is not one of {list(PRECISION_BYTES)}")
@@ -115,6 +127,8 @@ def estimate(spec: DataSpec, model_config, *, batch_per_replica: int, precision:
     if batch_per_replica < 1:
         raise UsageError(f"batch_per_replica={batch_per_replica} must be positive")
     name, kwargs = hyperparameters(model_config)
+    if model_shards > 1 and name != "gpt":
+        raise UsageError(f"model_parallel shards only gpt models, not {name!r}; use data_parallel")
     if name == "gpt":
         counts = _gpt(spec, **_with_defaults(name, kwargs))
     else:
@@ -124,14 +138,15 @@ def estimate(spec: DataSpec, model_config, *, batch_per_replica: int, precision:
             counts = _walk(build(spec, model_config), spec)
     train = 3 * counts.forward_flops
     activation_bytes = counts.activations * PRECISION_BYTES[precision] + counts.float32_activations * 4
+    per_device = counts.trainable - counts.sharded + math.ceil(counts.sharded / model_shards)
     return Estimate(
         model=name, batch_per_replica=batch_per_replica, precision=precision, optimizer=optimizer,
         total_params=counts.params, trainable_params=counts.trainable,
         forward_flops_per_example=counts.forward_flops, train_flops_per_example=train,
         train_flops_per_token=train // spec.seq_len if spec.kind == LANGUAGE_MODEL else None,
-        weight_bytes=4 * counts.params, gradient_bytes=4 * counts.trainable,
-        optimizer_bytes=4 * OPTIMIZER_SLOTS[optimizer] * counts.trainable,
-        activation_bytes=batch_per_replica * activation_bytes,
+        weight_bytes=4 * (counts.params - counts.trainable + per_device), gradient_bytes=4 * per_device,
+        optimizer_bytes=4 * OPTIMIZER_SLOTS[optimizer] * per_device,
+        activation_bytes=batch_per_replica * activation_bytes, model_shards=model_shards,
     )
 
 
@@ -149,11 +164,14 @@ def _gpt(spec: DataSpec, *, width: int, depth: int, heads: int, mlp_ratio: int, 
     attention = (3 * width * width + 3 * width * b) + (width * width + width * b)
     mlp = (mlp_ratio * width * width + mlp_ratio * width * b) + (mlp_ratio * width * width + width * b)
     params = vocab * width + table * width + depth * (2 * layer_norm + attention + mlp) + layer_norm
+    # What gpt.gpt_layout_map splits: both embeddings, the QKV, output and MLP kernels, the QKV and first MLP biases.
+    sharded = (vocab + table) * width + depth * ((4 + 2 * mlp_ratio) * width * width + (3 + mlp_ratio) * width * b)
     train_per_token = 6 * (params - table * width) + 12 * depth * width * context
     per_token_layer = (8 + 2 * mlp_ratio) * width + heads * context
     return _Counts(params, params, forward_flops=train_per_token * context // 3,
                    activations=context * (depth * per_token_layer + width),  # blocks and the final LayerNorm
-                   float32_activations=2 * context * vocab)  # logits and the loss's softmax
+                   float32_activations=2 * context * vocab,  # logits and the loss's softmax
+                   sharded=sharded)
 
 
 def _walk(model: keras.Model, spec: DataSpec) -> _Counts:

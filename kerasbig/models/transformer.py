@@ -37,7 +37,11 @@ class PositionEmbedding(keras.layers.Layer):
 
     def call(self, x, start=0):
         length, width = ops.shape(x)[1], ops.shape(x)[2]
-        return x + ops.cast(ops.slice(self.embeddings, (start, 0), (length, width)), x.dtype)
+        table = ops.convert_to_tensor(self.embeddings)  # a variable is no array inside JAX shape inference
+        return x + ops.cast(ops.slice(table, (start, 0), (length, width)), x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape  # JAX cannot infer it through a slice of unknown length
 
     def get_config(self):
         return {**super().get_config(), "max_length": self.max_length,

@@ -1,0 +1,110 @@
+"""`python -m kerasbig.bench --suite=gpu`: kerasbig's JAX loop at GPT-2-small shape beside the PyTorch anchor.
+
+Both run in the same command on the same GPU, one fresh process each: `python -m kerasbig.train --backend=jax`
+(kerasbig's loop, callbacks and all, on `configs/gpt2_124m.py`: bf16 mixed precision, byte-level text, GPT-2's
+vocabulary padded to 50304, no accumulation) and the anchor `../shared/anchors/gpt_torch.py` (plain PyTorch, `torch.compile`, bf16 autocast). The shape
+comes from the anchor's own variables, so one setting sizes both: L layers, H heads, D width, T context, B batch
+(defaults 12, 12, 768, 1024; batches 16 and 32), STEPS. kerasbig's tokens/s and FLOP/s are what its run logged to
+TensorBoard (the first, compiling execution excluded), its FLOPs those of `--mode=dry_run`: the anchor's estimate,
+6N + 12·L·D·T per token with N without position embeddings. MFU for both is against PEAK_TFLOPS (default 989,
+an H100's or H200's dense bf16 peak).
+
+    python -m kerasbig.bench --suite=gpu                 # batches 16 and 32
+    L=2 H=2 D=64 T=64 STEPS=6 python -m kerasbig.bench --suite=gpu --cases=4   # a tiny shape, e.g. on CPU
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.util import tensor_util
+
+from kerasbig.errors import RunError
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+ANCHOR = REPO.parent / "shared" / "anchors" / "gpt_torch.py"
+BATCHES = ("16", "32")
+VOCABULARY = 50304  # GPT-2's 50257 padded to a multiple of 64, as the anchor has it
+
+
+def shape() -> dict[str, int]:
+    """The anchor's shape variables, with its defaults."""
+    defaults = {"L": 12, "H": 12, "D": 768, "T": 1024, "STEPS": 40}
+    return {name: int(os.environ.get(name, default)) for name, default in defaults.items()}
+
+
+def peak_flops() -> float:
+    return float(os.environ.get("PEAK_TFLOPS", 989.0)) * 1e12
+
+
+def kerasbig_row(batch: int, size: dict[str, int]) -> dict:
+    """kerasbig's JAX loop at this shape: tokens/s as its Throughput callback logged it."""
+    steps = max(size["STEPS"], 4)
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, "-m", "kerasbig.train", "--backend=jax", "--strategy=one_device",
+                   "--config=configs/gpt2_124m.py",
+                   "--mode=train", "--mixed_precision=mixed_bfloat16", f"--workdir={workdir}",
+                   f"--config.model.depth={size['L']}", f"--config.model.heads={size['H']}",
+                   f"--config.model.width={size['D']}", f"--config.model.vocab_size={VOCABULARY}",
+                   "--config.optimizer.accumulation_steps=1", f"--config.data.seq_len={size['T']}",
+                   # Enough text for the steps, little to evaluate: the evaluations are not what is measured.
+                   f"--config.data.max_tokens={max(200_000, 40 * batch * size['T'])}",
+                   f"--config.data.batch_size={batch}", f"--config.data.eval_batch_size={batch}",
+                   f"--config.train.steps={steps}", f"--config.train.eval_every_steps={steps}",
+                   "--config.train.steps_per_execution=1", f"--config.train.log_every_steps={max(1, steps // 4)}"]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                                env={**os.environ, "KERAS_BACKEND": "jax"})
+        if result.returncode:
+            raise RunError(f"kerasbig on JAX at batch {batch} failed: {result.stderr.strip().splitlines()[-1:]}")
+        logs = pathlib.Path(workdir) / "train"
+        tokens_per_second, tflops = (last_scalar(logs, tag) for tag in ("tokens_per_sec", "tflops_per_sec"))
+    return {"implementation": "kerasbig, JAX loop", "batch": batch, "tokens/s": tokens_per_second,
+            "MFU (%)": 100 * tflops * 1e12 / peak_flops(), "note": ""}
+
+
+def anchor_row(batch: int, size: dict[str, int]) -> dict:
+    """The PyTorch anchor at this shape, or a row saying why it did not run."""
+    result = subprocess.run([sys.executable, str(ANCHOR)], capture_output=True, text=True,
+                            env={**os.environ, **{k: str(v) for k, v in size.items()}, "B": str(batch)})
+    found = re.search(r"RESULT (\S+): params=.* tokens/s=([\d,]+) MFU=([\d.]+)%", result.stdout)
+    if result.returncode or not found:
+        reason = (result.stderr.strip().splitlines() or ["no RESULT line"])[-1]
+        return {"implementation": "PyTorch anchor", "batch": batch, "tokens/s": None, "MFU (%)": None,
+                "note": f"not run: {reason[:80]}"}
+    tokens_per_second = float(found.group(2).replace(",", ""))
+    return {"implementation": f"PyTorch, {found.group(1)}", "batch": batch, "tokens/s": tokens_per_second,
+            "MFU (%)": float(found.group(3)), "note": ""}
+
+
+def last_scalar(logdir: pathlib.Path, tag: str) -> float:
+    """The last value of scalar `tag` in a TensorBoard run folder, read without TensorFlow."""
+    value = None
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for summary in event.summary.value:
+                if summary.tag == tag:
+                    value = float(tensor_util.make_ndarray(summary.tensor))
+    if value is None:
+        raise RunError(f"the run logged no {tag} in {logdir}; train for more steps (STEPS)")
+    return value
+
+
+def device() -> str:
+    """The first JAX device and the versions, asked in a child process: JAX in this one would claim the GPU's
+    memory before the runs."""
+    script = "import jax, keras; print(f'{jax.devices()[0].device_kind}, JAX {jax.__version__}, Keras {keras.__version__}')"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    return result.stdout.strip() or "unknown device"
+
+
+def suite(batches: list[str]) -> list[dict]:
+    size = shape()
+    rows = []
+    for batch in map(int, batches):
+        rows += [kerasbig_row(batch, size), anchor_row(batch, size)]
+    return rows

@@ -1,0 +1,177 @@
+"""The TensorFlow half of kerasbig's loop: `strategy.run` steps inside compiled multi-step calls.
+
+`kerasbig.trainer.Trainer` drives these steps (cadences, callbacks, checkpoints, preemption); this module only
+computes them. Why `strategy.run` and our own gradient all-reduce rather than Keras's: Keras clips gradients per
+replica before the all-reduce, so global-norm clipping would see only a part of the gradient. The same steps run
+on one device, Mirrored, MultiWorkerMirrored and TPU strategies.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kerasbig import distribute
+from kerasbig.data import pipeline
+from kerasbig.data.spec import Task
+from kerasbig.errors import RunError
+from kerasbig.losses import correct_predictions, per_example_loss
+
+
+def _already_reduced(grads_and_vars):
+    return grads_and_vars
+
+
+class TensorFlowSteps:
+    """Compiled train and eval steps of `model` under a tf.distribute `strategy`."""
+
+    def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, task: Task,
+                 strategy: tf.distribute.Strategy, config, *, seed: int, loss_denominator: float, train_loss=None):
+        self.model, self.optimizer, self.task, self.strategy = model, optimizer, task, strategy
+        self.config, self.seed, self._loss_denominator, self.train_loss = config, seed, loss_denominator, train_loss
+        self.replicas = strategy.num_replicas_in_sync
+        self.multi_worker = distribute.is_multi_worker(strategy)
+        # A remote TPU worker would write checkpoints on its own disk: files go through this host instead.
+        self.io_device = "/job:localhost" if isinstance(strategy, tf.distribute.TPUStrategy) else None
+        with strategy.scope():
+            optimizer.build(model.trainable_variables)
+        # We all-reduce gradients ourselves (so clipping sees the global gradient); the optimizer must not
+        # sum them a second time.
+        getattr(optimizer, "inner_optimizer", optimizer)._all_reduce_sum_gradients = _already_reduced
+        self._train_fn = self._make_train_function()
+        self._eval_fn = self._make_eval_function()
+        self._all_finite = self._make_finite_check()
+        self._eval_inputs: dict[str, tf.distribute.DistributedDataset] = {}
+
+    # ---- what the loop calls ------------------------------------------------------------------------
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    def train_iterator(self, start_step: int, total_steps: int):
+        """The run's one training iterator, from `start_step` to `total_steps`."""
+        def dataset_fn(context):
+            return pipeline.train_batches(self.task, global_batch=self.config.data.batch_size, seed=self.seed,
+                                          start_step=start_step, total_steps=total_steps, context=context)
+        return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+
+    def train(self, iterator, steps: int, sigterm: bool) -> np.ndarray:
+        """Runs `steps` steps: summed (loss, correct, count), replicas voting SIGTERM, the next learning rate."""
+        return self._train_fn(iterator, tf.constant(steps), tf.constant(float(sigterm))).numpy()
+
+    def evaluate(self, split: str, batch_size: int):
+        """Yields (sums, predictions, labels, weights) as numpy for every global batch of `split`."""
+        for batch in self._eval_input(split, batch_size):
+            yield tuple(t.numpy() for t in self._eval_fn(batch))
+
+    def all_finite(self) -> bool:
+        return bool(self._all_finite())
+
+    def check_workers_agree(self, step: int) -> list[int]:
+        """The distinct steps the workers would resume from (one element when they agree)."""
+        if not self.multi_worker:
+            return [step]
+
+        @tf.function
+        def every_workers_step():
+            return self.strategy.gather(self.strategy.run(lambda: tf.constant([step], tf.int64)), axis=0)
+        with self.cluster_errors("starting"):
+            return sorted(set(every_workers_step().numpy().tolist()))
+
+    @contextlib.contextmanager
+    def cluster_errors(self, doing: str):
+        """Turns the errors of collectives aborted by a lost worker into one clear RunError."""
+        try:
+            yield
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError) as err:
+            if not self.multi_worker:
+                raise
+            raise RunError(
+                f"lost contact with another worker while {doing} at step {self.step()} "
+                f"({type(err).__name__}: a worker died, froze or became unreachable; TensorFlow's log above names "
+                f"it); rerun every worker with the same command to resume from the last checkpoint") from None
+
+    # ---- compiled functions -------------------------------------------------------------------------
+    def _stats(self, labels, logits, weights):
+        """(loss sum, correct sum, count) of one replica's batch; weights are per example."""
+        loss = per_example_loss(labels, logits, self.config.optimizer.label_smoothing)
+        correct = correct_predictions(labels, logits)
+        weights = tf.broadcast_to(tf.reshape(weights, [-1] + [1] * (len(loss.shape) - 1)), tf.shape(loss))
+        return loss * weights, correct * weights, weights
+
+    def _replica_train_step(self, x, y):
+        model, optimizer = self.model, self.optimizer
+        variables = model.trainable_variables
+        micro_batches = self.config.optimizer.accumulation_steps
+        grads, totals = None, [0.0, 0.0, 0.0]
+        for xs, ys in zip(tf.split(x, micro_batches), tf.split(y, micro_batches)):
+            with tf.GradientTape() as tape:
+                logits = model(xs, training=True)
+                loss_values, correct, count = self._stats(ys, logits, tf.ones(tf.shape(ys)[:1]))
+                if self.train_loss is not None:
+                    loss_values = self.train_loss(xs, logits, loss_values)
+                loss = tf.reduce_sum(loss_values) / self._loss_denominator
+                scaled = optimizer.scale_loss(loss)
+            step_grads = tape.gradient(scaled, [v.value for v in variables])
+            grads = step_grads if grads is None else [g + s for g, s in zip(grads, step_grads)]
+            totals = [t + tf.reduce_sum(v) for t, v in zip(totals, (loss_values, correct, count))]
+        grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        clip_norm = self.config.optimizer.clip_norm
+        if clip_norm > 0:
+            scale = optimizer.loss_scale_factor if optimizer.loss_scale_factor is not None else 1.0
+            grads, _ = tf.clip_by_global_norm(grads, clip_norm * scale)
+        optimizer.apply(grads, variables)
+        return tf.stack(totals)
+
+    def _make_train_function(self):
+        step = self._replica_train_step
+        if self.config.train.jit_compile:
+            step = tf.function(step, jit_compile=True)
+
+        def step_and_vote(x, y, sigterm):
+            return tf.concat([step(x, y), [sigterm]], 0)
+
+        @tf.function
+        def train(iterator, steps, sigterm):
+            """Runs `steps` steps; returns the summed (loss, correct, count), riding on the same all-reduce the
+            number of replicas whose worker got a SIGTERM (`sigterm` is this worker's 0 or 1), and the learning
+            rate the optimizer applies next (so callbacks need not evaluate the schedule on the host)."""
+            totals = tf.zeros([4])
+            for _ in tf.range(steps):
+                x, y = next(iterator)
+                totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                               self.strategy.run(step_and_vote, (x, y, sigterm)), None)
+            return tf.concat([totals, [tf.cast(self.optimizer.learning_rate, tf.float32)]], 0)
+        return train
+
+    def _make_eval_function(self):
+        def step(x, y, w):
+            logits = self.model(x, training=False)
+            loss, correct, count = self._stats(y, logits, w)
+            sums = tf.stack([tf.reduce_sum(loss), tf.reduce_sum(correct), tf.reduce_sum(count)])
+            predictions = tf.argmax(logits, -1, output_type=tf.int32)
+            return sums, predictions, y, w
+
+        @tf.function
+        def evaluate(batch):
+            sums, predictions, labels, weights = self.strategy.run(step, batch)
+            gather = lambda t: self.strategy.gather(t, axis=0)
+            return (self.strategy.reduce(tf.distribute.ReduceOp.SUM, sums, None),
+                    gather(predictions), gather(labels), gather(weights))
+        return evaluate
+
+    def _make_finite_check(self):
+        """A compiled check that every floating-point model and optimizer variable is finite."""
+        variables = [v.value for v in self.model.variables + self.optimizer.variables
+                     if keras.backend.is_float_dtype(v.dtype)]
+        return tf.function(lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
+
+    def _eval_input(self, split: str, batch_size: int) -> tf.distribute.DistributedDataset:
+        """The distributed batches of `split`, built once and iterated at every evaluation."""
+        if split not in self._eval_inputs:
+            def dataset_fn(context):
+                return pipeline.eval_batches(self.task, split, global_batch=batch_size, context=context)
+            self._eval_inputs[split] = self.strategy.distribute_datasets_from_function(dataset_fn)
+        return self._eval_inputs[split]
+
