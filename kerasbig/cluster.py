@@ -52,6 +52,17 @@ class Cluster:
     def address(self) -> str:
         return self.tasks[self.task_type][self.task_index]
 
+    @property
+    def rank(self) -> int:
+        """This task's place among all tasks, the chief first: its process id in a JAX cluster."""
+        order = [(role, i) for role in ROLES for i in range(len(self.tasks.get(role, [])))]
+        return order.index((self.task_type, self.task_index))
+
+    @property
+    def coordinator(self) -> str:
+        """The address of rank 0, where a JAX cluster's coordination service listens."""
+        return (self.tasks.get("chief") or self.tasks["worker"])[0]
+
     def describe(self, task_type: str, index: int) -> str:
         """A task as a person looks for it: 'worker 1 (node2:12001)'."""
         return f"{task_type} {index} ({self.tasks[task_type][index]})"

@@ -34,6 +34,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from kerasbig import generation, versions
 from kerasbig.data.spec import CLASSIFICATION, LANGUAGE_MODEL, Task
+from kerasbig.data.text import BYTE_VOCAB
 from kerasbig.errors import RunError
 from kerasbig.files import locked, remove_temporaries, write_atomically
 
@@ -67,6 +68,8 @@ def serving_functions(model: keras.Model, task: Task) -> dict[str, tf.types.expe
         functions = {"serving_default": signature(task.encoded.spec, task.encoded.decode), task.serving_input.name: raw}
     if task.spec.kind == LANGUAGE_MODEL:
         functions[generation.GENERATE] = generation.signature(model)
+        if task.tokenizer is None and task.spec.num_classes == BYTE_VOCAB:  # token ids are UTF-8 bytes
+            functions[generation.GENERATE_TEXT] = generation.text_signature(model)
     return functions
 
 
@@ -227,7 +230,7 @@ def _write_version(model: keras.Model, task: Task, model_base: pathlib.Path, nam
         cases = {}
         for signature_name, function in functions.items():
             spec = function.input_signature[0]
-            samples = (generation.sample_request(task) if signature_name == generation.GENERATE
+            samples = (generation.SAMPLE_REQUESTS[signature_name](task) if signature_name in generation.SAMPLE_REQUESTS
                        else sample_inputs(task, encoded=signature_name == "serving_default"))
             expected = {k: v.numpy() for k, v in function(tf.nest.map_structure(tf.constant, samples)).items()}
             cases[signature_name] = (_named(spec, samples), expected)

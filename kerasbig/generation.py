@@ -28,10 +28,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kerasbig.data.text import BYTE_VOCAB
 from kerasbig.errors import UsageError
 from kerasbig.models import gpt, llama
 
 GENERATE = "generate"  # the SavedModel signature
+GENERATE_TEXT = "generate_text"  # the same, strings in and out, for models whose tokens are UTF-8 bytes
 NO_END_TOKEN = -1
 
 
@@ -174,6 +176,30 @@ def signature(model: keras.Model) -> tf.types.experimental.GenericFunction:
                        autograph=False)
 
 
+def text_signature(model: keras.Model) -> tf.types.experimental.GenericFunction:
+    """The `generate_text` function of a byte-level model: `text` (prompts as strings [batch]) and the settings
+    of `generate` in; `text` (each row's generated continuation, invalid UTF-8 replaced by U+FFFD), `tokens` and
+    `count` out. Core TensorFlow ops only, so TF Serving runs it."""
+    chosen = decoder_for(model)
+    spec = {**{k: v for k, v in input_signature().items() if k not in SHAPES},
+            "text": tf.TensorSpec([None], tf.string, name="text")}
+    byte_strings = tf.constant([bytes([i]) for i in range(BYTE_VOCAB)])
+
+    def generate_text(inputs):
+        settings = {k: v for k, v in inputs.items() if k != "text"}
+        pieces = tf.strings.bytes_split(inputs["text"])
+        prompts = pieces.with_flat_values(tf.cast(tf.reshape(tf.io.decode_raw(pieces.flat_values, tf.uint8), [-1]),
+                                                  tf.int32))
+        out = generate_tokens(model, chosen, tokens=prompts.to_tensor(),
+                              lengths=tf.cast(prompts.row_lengths(), tf.int32), **settings)
+        tokens = out["tokens"]
+        kept = tf.sequence_mask(out["count"], tf.shape(tokens)[1]) & (tokens < BYTE_VOCAB)
+        generated = tf.strings.reduce_join(
+            tf.where(kept, tf.gather(byte_strings, tf.clip_by_value(tokens, 0, BYTE_VOCAB - 1)), ""), axis=1)
+        return {**out, "text": tf.strings.unicode_transcode(generated, "UTF-8", "UTF-8", errors="replace")}
+    return tf.function(generate_text, input_signature=[spec], autograph=False)
+
+
 def sample_request(task) -> dict[str, np.ndarray]:
     """A `generate` request from the task's test data (two prompts of different lengths, sampled), for the
     export's warmup and its check in a fresh process."""
@@ -182,6 +208,17 @@ def sample_request(task) -> dict[str, np.ndarray]:
     values = {"tokens": tokens, "lengths": [4, 3], "max_new_tokens": 4, "temperature": 1.0, "top_k": 8, "top_p": 0.9,
               "seed": 7, "end_token": NO_END_TOKEN}
     return {name: np.asarray(value, INPUTS[name].as_numpy_dtype) for name, value in values.items()}
+
+
+def sample_text_request(task) -> dict[str, np.ndarray]:
+    """`sample_request` for the `generate_text` signature: the same prompts as strings."""
+    request = sample_request(task)
+    tokens, lengths = request.pop("tokens"), request.pop("lengths")
+    return {**request, "text": np.array([row[:n].astype(np.uint8).tobytes() for row, n in zip(tokens, lengths)],
+                                        dtype=object)}
+
+
+SAMPLE_REQUESTS = {GENERATE: sample_request, GENERATE_TEXT: sample_text_request}  # for the export's own check
 
 
 # One graph per model and decoder, traced again only for new shapes (reduce_retracing: after the second one,

@@ -22,13 +22,34 @@ import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
+from jax.experimental import multihost_utils
 
-from kerasbig import models
+from kerasbig import cluster, models
 from kerasbig.data import pipeline
 from kerasbig.data.spec import Task
 from kerasbig.errors import UsageError
 from kerasbig.losses import correct_predictions, per_example_loss
 
+
+
+def join_cluster() -> bool:
+    """Joins this process to the others of its cluster (TF_CONFIG, or the tasks of a SLURM step, as for
+    TensorFlow) in one JAX runtime whose devices span them all; rank 0 (the chief, else worker 0) coordinates at
+    its own address. Call before JAX touches a device. Returns whether this process is the chief."""
+    found = cluster.from_environment()
+    if found is None or found.size < 2:
+        return True
+    found.wait_for_peers()  # every task up within the start timeout, or one line naming the missing ones
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # collectives across processes on CPU too
+    keras.distribution.initialize(found.coordinator, num_processes=found.size, process_id=found.rank)
+    return found.rank == 0
+
+
+def _to_host(array) -> np.ndarray:
+    """A (possibly multi-process) array's whole value on this host; every process must call it together."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def make_distribution(name: str, model_config, *, num_devices: int = 0) -> keras.distribution.Distribution:
@@ -54,7 +75,6 @@ def make_distribution(name: str, model_config, *, num_devices: int = 0) -> keras
 class JaxSteps:
     """Jitted train and eval steps of `model` under `distribution`."""
 
-    multi_worker = False  # one process drives every device
     io_device = None
 
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, task: Task,
@@ -62,6 +82,8 @@ class JaxSteps:
         self.model, self.optimizer, self.task, self.distribution = model, optimizer, task, distribution
         self.config, self.seed, self._loss_denominator = config, seed, loss_denominator
         self.replicas = distribution.num_model_replicas  # data-parallel copies: the batch is split this many ways
+        # Several processes (`join_cluster`) each feed the same global batches and keep the parts on their devices.
+        self.multi_worker = jax.process_count() > 1
         with distribution.scope():
             optimizer.build(model.trainable_variables)
         self._train_step = None  # jitted at the first step, once callbacks have installed the schedule
@@ -88,7 +110,9 @@ class JaxSteps:
             state, sums, learning_rate = self._train_step(state, *self._on_devices(next(iterator)))
             totals = totals + sums
         self._assign(state)
-        return np.concatenate([np.asarray(totals), [float(sigterm), float(learning_rate)]])
+        if self.multi_worker:  # a SIGTERM on any process stops them all at the same step
+            sigterm = multihost_utils.process_allgather(np.int32(sigterm)).sum() > 0
+        return np.concatenate([_to_host(totals), [float(sigterm), float(_to_host(learning_rate))]])
 
     def evaluate(self, split: str, batch_size: int):
         """Yields (sums, predictions, labels, weights) as numpy for every global batch of `split`."""
@@ -97,18 +121,21 @@ class JaxSteps:
         trainable, non_trainable, _ = self._state()
         for x, y, w in self._eval_inputs[split].as_numpy_iterator():
             sums, predictions = self._eval_step(trainable, non_trainable, *self._on_devices((x, y, w)))
-            yield np.asarray(sums), np.asarray(predictions), y, w
+            yield _to_host(sums), _to_host(predictions), y, w
 
     def all_finite(self) -> bool:
         return bool(self._all_finite([v.value for v in self.model.variables + self.optimizer.variables
                                       if keras.backend.is_float_dtype(v.dtype)]))
 
     def check_workers_agree(self, step: int) -> list[int]:
-        return [step]
+        """The distinct steps the processes would resume from."""
+        if not self.multi_worker:
+            return [step]
+        return sorted({int(s) for s in multihost_utils.process_allgather(np.int64(step))})
 
     @contextlib.contextmanager
     def cluster_errors(self, doing: str):
-        yield  # one process: no collectives to lose
+        yield  # JAX's coordination service stops every process when one is lost
 
     # ---- state --------------------------------------------------------------------------------------
     def _variables(self) -> tuple[list, list, list]:

@@ -275,9 +275,10 @@ def make_strategy(config) -> tuple:
     strategy on TensorFlow, a keras.distribution layout on JAX (set globally, so the model is built in it)."""
     if FLAGS.backend == "jax":
         from kerasbig import jax_steps  # imports JAX
+        chief = jax_steps.join_cluster()
         distribution = jax_steps.make_distribution(FLAGS.strategy, config.model, num_devices=FLAGS.num_devices)
         keras.distribution.set_distribution(distribution)
-        return distribution, distribution.num_model_replicas, True
+        return distribution, distribution.num_model_replicas, chief
     strategy = distribute.make(FLAGS.strategy, tpu=FLAGS.tpu, num_cpu_replicas=FLAGS.num_cpu_replicas)
     return strategy, strategy.num_replicas_in_sync, distribute.is_chief(strategy)
 

@@ -127,6 +127,9 @@ def test_tfjob_tf_config_is_taken_as_it_is():
     assert found == cluster.Cluster({"chief": ["mnist-chief-0.default.svc:2222"],
                                      "worker": ["mnist-worker-0.default.svc:2222"]}, "worker", 0, "TF_CONFIG")
     assert found.size == 2 and found.address == "mnist-worker-0.default.svc:2222"
+    # As JAX processes: the chief is rank 0 and coordinates, workers follow it.
+    assert (found.rank, found.coordinator) == (1, "mnist-chief-0.default.svc:2222")
+    assert cluster.from_tf_config(tfjob_tf_config("mnist", "chief", 0)).rank == 0
 
 
 @pytest.mark.parametrize("tf_config, named", [
@@ -333,3 +336,35 @@ def test_tfjob_tf_config_trains_a_chief_and_a_worker_as_one_device(one_device, t
     loss = json.loads((tmp_path / "chief" / "metrics.json").read_text())["loss"]
     assert loss == pytest.approx(json.loads((one_device / "metrics.json").read_text())["loss"], rel=1e-6)
     assert not (tmp_path / "worker").exists() and not list((tmp_path / "worker-tmp").iterdir())
+
+
+JAX_RUN = ["--config=configs/gpt_small.py", "--config.model.width=32", "--config.model.depth=2",
+           "--config.model.heads=4", "--config.data.seq_len=32", "--config.data.batch_size=16",
+           "--config.data.max_tokens=20000", "--config.optimizer.learning_rate=0.01",
+           "--config.schedule.warmup_steps=2", "--config.train.steps=6", "--config.train.eval_every_steps=3",
+           "--config.train.steps_per_execution=2", "--mode=train", "--strategy=data_parallel"]
+
+
+@pytest.mark.slow
+def test_srun_tasks_form_one_jax_runtime_that_trains_as_one_process(slurm, tmp_path):
+    """On JAX the same step variables start `jax.distributed`: the two tasks' devices form one data-parallel mesh
+    whose run equals one process over two devices (same batches, same all-reduced updates); only rank 0 writes."""
+    reference = tmp_path / "one_process"
+    subprocess.run([sys.executable, "-m", "kerasbig.train", *JAX_RUN, f"--workdir={reference}"], cwd=REPO,
+                   env={**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                   check=True, capture_output=True, timeout=600)
+    command = (f"mkdir -p {tmp_path}/tmp$SLURM_PROCID && TMPDIR={tmp_path}/tmp$SLURM_PROCID exec {sys.executable} "
+               f"-m kerasbig.train {shlex.join(JAX_RUN)} --workdir={tmp_path}/task$SLURM_PROCID")
+    result = subprocess.run(["srun", "-n2", "--resv-ports=2", "--kill-on-bad-exit=1", "bash", "-c", command],
+                            cwd=REPO, env={**slurm, "KERAS_BACKEND": "jax"}, capture_output=True, text=True,
+                            errors="replace", timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stdout.count("Strategy DataParallel with 2 replica(s) on jax") == 2  # one device per process
+    metrics = lambda workdir: json.loads((workdir / "metrics.json").read_text())
+    assert metrics(tmp_path / "task0")["loss"] == pytest.approx(metrics(reference)["loss"], rel=1e-5)
+    latest = lambda workdir: sorted((workdir / "checkpoints").glob("step-*"))[-1] / "weights.npz"
+    with np.load(latest(tmp_path / "task0")) as got, np.load(latest(reference)) as want:
+        assert got.files == want.files
+        for key in want.files:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert not (tmp_path / "task1").exists() and not list((tmp_path / "tmp1").iterdir())

@@ -51,7 +51,7 @@ def test_served_generate_signature_answers_what_kerasbig_generate_prints(tmp_pat
     workdir, saved = tmp_path / "run", tmp_path / "saved_models"
     kerasbig("train", *TINY, f"--workdir={workdir}", f"--export_dir={saved / 'gpt'}")
     version = saved / "gpt" / "1"
-    assert {"generate", "serving_default"} <= set(tf.saved_model.load(str(version)).signatures)
+    assert {"generate", "generate_text", "serving_default"} <= set(tf.saved_model.load(str(version)).signatures)
     ops = export.graph_ops(version)
     assert {"While", "StatelessMultinomial"} <= ops and export.unservable_ops(ops) == []
 
@@ -62,6 +62,12 @@ def test_served_generate_signature_answers_what_kerasbig_generate_prints(tmp_pat
         assert status == 200, sampled
         status, greedy = call(predict, _request([prompt, prompt[:6]], temperature=0.0))
         assert status == 200, greedy
+        as_text = _request([prompt])
+        as_text["signature_name"] = "generate_text"
+        as_text["inputs"] = {"text": [PROMPT], **{k: v for k, v in as_text["inputs"].items()
+                                                  if k not in ("tokens", "lengths")}}
+        status, texts = call(predict, as_text)
+        assert status == 200, texts
         request = tmp_path / "request.json"
         request.write_text(json.dumps(_request([prompt])))
         client = kerasbig("predict", f"--server={url}", "--model_name=gpt", f"--input={request}")
@@ -71,6 +77,8 @@ def test_served_generate_signature_answers_what_kerasbig_generate_prints(tmp_pat
     tokens, count = sampled["outputs"]["tokens"][0], sampled["outputs"]["count"][0]
     assert count == 12 and len(tokens) == 12
     assert json.loads(client.stdout) == sampled["outputs"]
+    # Text in, text out: the same tokens, as the text they spell.
+    assert texts["outputs"]["tokens"] == [tokens] and texts["outputs"]["text"] == [text.decode(tokens)]
     printed = _printed(workdir, "--max_new_tokens=12", "--temperature=0.9", "--top_k=20", "--top_p=0.83", "--seed=5")
     assert printed == _as_printed(PROMPT + text.decode(tokens)), (list(printed.encode()), tokens)
     # A batch of padded prompts: each row is what that prompt generates alone.
