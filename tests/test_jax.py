@@ -108,7 +108,8 @@ def test_model_parallel_shards_every_large_kernel_over_the_devices():
                 sharded += v.value.size if id(v) in weight_ids else 0
         names = [v.path for v in model.weights if v.value.addressable_shards[0].data.size * 8 == v.value.size]
         print(sorted(names))
-        plan = sizing._gpt(spec, width=32, depth=2, heads=4, mlp_ratio=4, dropout=0.0, bias=True, vocab_size=0)
+        plan = sizing._gpt(spec, width=32, depth=2, heads=4, mlp_ratio=4, dropout=0.0, bias=True, vocab_size=0,
+                           context=0, activation="gelu")
         assert sharded == plan.sharded, (sharded, plan.sharded)
         slots = [v.path for v in optimizer.variables if v.value.addressable_shards[0].data.size * 8 == v.value.size]
         assert len(slots) == 2 * len(names), slots
