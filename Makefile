@@ -18,8 +18,10 @@ $(STAMP): setup.py
 train: $(STAMP)
 	$(PY) -m kerasbig.train $(ARGS)
 
+# Test files run on TEST_WORKERS processes, each file whole on one (its module fixtures are built once).
+TEST_WORKERS ?= 2
 test: $(STAMP) chromium slurm
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # The TensorBoard browser test drives Debian's Chromium (never a downloaded browser). Installed once where
 # apt-get works; elsewhere those two tests are skipped.
