@@ -11,6 +11,7 @@ times steps per second.
     python -m kerasbig.bench --suite=generation    # generated tokens/s, the compiled cache vs recomputing
     python -m kerasbig.bench --suite=lora          # LoRA against full fine-tuning of gpt_small
     python -m kerasbig.bench --suite=cpu           # kerasbig's loop against model.fit and the bare step
+    python -m kerasbig.bench --suite=checkpoint    # how long a checkpoint holds training up, foreground/background
     python -m kerasbig.bench --suite=compression --output=docs/compression.md  # pruning and quantization
     python -m kerasbig.bench --suite=gpu           # kerasbig's JAX loop beside PyTorch's anchor (bench_gpu)
 """
@@ -27,7 +28,7 @@ import time
 
 import numpy as np
 import tensorflow as tf
-from absl import flags
+from absl import flags, logging
 
 from kerasbig import bench_gpu, bench_loop, cli
 from kerasbig.compress import bench as compression
@@ -54,7 +55,7 @@ CASES = {case.name: case for case in [
     Case("gpt_small_bf16", "gpt_small", ("--mixed_precision=mixed_bfloat16",), steps=60),
 ]}
 
-SUITES = ("train", "cpu", "generation", "lora", "compression", "gpu")
+SUITES = ("train", "cpu", "generation", "lora", "compression", "gpu", "checkpoint")
 FLAGS = flags.FLAGS
 
 
@@ -63,7 +64,7 @@ def define_flags() -> None:
                       "cpu: kerasbig's loop side by side with model.fit and the bare step; generation: the decoding "
                       "cache; lora: LoRA against full fine-tuning; compression: size, accuracy and served latency "
                       "of pruned and quantized versions; gpu: kerasbig's JAX loop at GPT-2-small shape beside the "
-                      "PyTorch anchor.")
+                      "PyTorch anchor; checkpoint: how long a checkpoint holds training up.")
     flags.DEFINE_list("cases", None, f"Cases to run (default all): train {', '.join(CASES)}; cpu "
                       f"{', '.join(bench_loop.LOOP_CASES)}; compression {', '.join(compression.MODELS)}; gpu: batch "
                       f"sizes ({', '.join(bench_gpu.BATCHES)}).")
@@ -179,6 +180,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    logging.set_verbosity(logging.WARNING)  # as in training: TensorFlow's info lines are not the figures
     if FLAGS.suite == "gpu":
         unknown = [case for case in FLAGS.cases or [] if not case.isdigit()]
         if unknown:
@@ -203,6 +205,8 @@ def main() -> None:
         rows = lora_rows()
     elif FLAGS.suite == "cpu":
         rows = bench_loop.suite(FLAGS.cases or list(bench_loop.LOOP_CASES), repeats=FLAGS.repeats)
+    elif FLAGS.suite == "checkpoint":
+        rows = bench_loop.checkpoint_rows()
     else:
         rows = []
         for name in FLAGS.cases or list(CASES):

@@ -15,6 +15,9 @@ Each reports the training call's seconds, the median step time of the executions
 first step (start-up, tracing, compilation).
 
     python -m kerasbig.bench_loop VARIANT CASE      # one measurement, a JSON line (what the suite runs)
+
+`checkpoint_rows` (`bench --suite=checkpoint`) times how long a checkpoint holds training up, written in the
+foreground and in the background, for GPT states of a few sizes.
 """
 from __future__ import annotations
 
@@ -29,9 +32,10 @@ import tempfile
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from kerasbig import data, distribute, models
+from kerasbig import checkpoint, data, distribute, models
 from kerasbig.data import pipeline
 from kerasbig.train import CONFIGS, make_callbacks, make_optimizer, schedule_of
 from kerasbig.trainer import Trainer
@@ -179,6 +183,41 @@ def _row(name: str, runs: dict[str, list[dict]]) -> dict:
         "input wait": max(0.0, 1 - median("step_cached", "step_ms") / median("step", "step_ms")),
         "first step (s)": median("kerasbig", "first_step_s"), "fit first step (s)": median("fit", "first_step_s"),
     }
+
+
+# GPT widths and depths whose weights + AdamW state span ~10 MB to ~1 GB.
+CHECKPOINT_SHAPES = ((128, 4), (512, 8), (1024, 12))
+
+
+def checkpoint_rows(saves: int = 4) -> list[dict]:
+    """For each GPT shape: the median time `Checkpoints.save` blocks the training thread, in the foreground and in
+    the background, with training (here a pause as long as a foreground write) between saves."""
+    rows = []
+    for width, depth in CHECKPOINT_SHAPES:
+        config = _config(LoopCase("gpt_small", {}))
+        config.model.update(width=width, depth=depth)
+        spec = data.load_plan(config.data).spec
+        model = models.build(spec, config.model)
+        optimizer = make_optimizer(config, model=model)
+        optimizer.build(model.trainable_variables)
+        state_bytes = sum(np.dtype(v.dtype).itemsize * int(np.prod(v.shape)) for v in model.variables + optimizer.variables)
+        blocked = {}
+        for background in (False, True, False, True):  # interleaved
+            with tempfile.TemporaryDirectory() as directory:
+                saver = checkpoint.Checkpoints(pathlib.Path(directory), model=model, optimizer=optimizer, keep=2)
+                gap = blocked.get(False, [0.5])[-1]
+                for step in range(1, saves + 1):
+                    start = time.perf_counter()
+                    saver.save(step, {"step": step, "complete": False, "callbacks": {}}, background=background)
+                    blocked.setdefault(background, []).append(time.perf_counter() - start)
+                    time.sleep(gap)
+                saver.wait()
+        foreground, in_background = (statistics.median(blocked[b]) for b in (False, True))
+        rows.append({"GPT width x depth": f"{width} x {depth}", "state (MB)": state_bytes / 1e6,
+                     "foreground save (ms)": 1e3 * foreground, "background save (ms)": 1e3 * in_background,
+                     "blocked / foreground": in_background / foreground})
+        print(rows[-1], flush=True)
+    return rows
 
 
 if __name__ == "__main__":

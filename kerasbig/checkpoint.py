@@ -1,7 +1,8 @@
 """Atomic, chief-aware training checkpoints: model, optimizer and a JSON state, the last K kept.
 
 Layout: `<workdir>/checkpoints/step-00001234/{weights, state.json, arrays.npz}`. Each is written to a temporary
-folder and renamed, so a reader (or a resume after SIGKILL) never sees half of one. The weights are in one of
+folder and renamed, so a reader (or a resume after SIGKILL) never sees half of one. A save in the background
+copies the variables to host memory at once and writes the files on a thread while training goes on. The weights are in one of
 two formats, read whichever backend wrote them: a TensorFlow run writes a `tf.train.Checkpoint`
 (`ckpt.index`, `ckpt.data-*`: saved by every worker, through a TPU's host), a JAX run `weights.npz` (numpy
 alone: no TensorFlow needed to train, and `--mode=export` under TensorFlow reads it into the same model).
@@ -18,6 +19,7 @@ import json
 import pathlib
 import shutil
 import tempfile
+import threading
 
 import keras
 import numpy as np
@@ -82,17 +84,20 @@ class TensorFlowFormat:
 
     def __init__(self, model, optimizer=None, io_device: str | None = None):
         import tensorflow as tf  # only a TensorFlow run writes (or a TensorFlow checkpoint is read with) this format
-        self._tf = tf
         values = lambda variables: {key: v.value for key, v in variables.items()}
         state = model_state(model)
         objects = {"model": {"weights": values(state["weights"]), "rng": [v.value for v in state["rng"]]}}
         if optimizer is not None:
             objects["optimizer"] = values(by_path(optimizer.variables))
         self._options = tf.train.CheckpointOptions(experimental_io_device=io_device)
+        # TensorFlow's asynchronous writer copies the variables to host memory before write() returns.
+        self._async_options = tf.train.CheckpointOptions(experimental_io_device=io_device, enable_async=True)
         self._checkpoint = tf.train.Checkpoint(**objects)
 
-    def write(self, folder: pathlib.Path) -> None:
-        self._checkpoint.write(str(folder / "ckpt"), options=self._options)
+    def snapshot(self, folder: pathlib.Path, *, background: bool):
+        """Starts writing the variables as they are now; the returned function finishes the write."""
+        self._checkpoint.write(str(folder / "ckpt"), options=self._async_options if background else self._options)
+        return self._checkpoint.sync
 
     def read(self, folder: pathlib.Path) -> None:
         status = self._checkpoint.read(str(folder / "ckpt"), options=self._options)
@@ -105,10 +110,15 @@ class ArrayFormat:
     def __init__(self, model, optimizer=None):
         self._variables = flat_state(model, optimizer)
 
-    def write(self, folder: pathlib.Path) -> None:
-        with open(folder / ARRAYS, "wb") as file:  # a file object: np.savez would append .npz to a name
-            np.savez(file, **{key: np.asarray(keras.ops.convert_to_numpy(v.value))
-                              for key, v in self._variables.items()})
+    def snapshot(self, folder: pathlib.Path, *, background: bool):
+        """Copies the variables to host memory now (a JAX step donates their buffers); the returned function
+        writes them."""
+        values = {key: np.array(keras.ops.convert_to_numpy(v.value)) for key, v in self._variables.items()}
+
+        def write():
+            with open(folder / ARRAYS, "wb") as file:  # a file object: np.savez would append .npz to a name
+                np.savez(file, **values)
+        return write
 
     def read(self, folder: pathlib.Path) -> None:
         with np.load(folder / ARRAYS) as stored:
@@ -141,6 +151,8 @@ class Checkpoints:
         self.directory = pathlib.Path(directory)
         self.keep = keep
         self.is_chief = is_chief
+        self._writer: threading.Thread | None = None
+        self._write_error: BaseException | None = None
         # Made now, before a learning-rate schedule replaces the optimizer's rate variable: a checkpoint then
         # holds the same variables whenever it is written or read.
         self._formats = {ArrayFormat: ArrayFormat(model, optimizer)}
@@ -157,16 +169,53 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return saved_steps(self.directory)
 
-    def save(self, step: int, state: dict, arrays: dict[str, list[np.ndarray]] | None = None) -> None:
-        """Writes checkpoint `step`. Every worker must call this (saving may need collectives); only the
-        chief's copy is kept, the others write to a temporary folder that is removed."""
-        target = folder(self.directory, step)
+    def save(self, step: int, state: dict, arrays: dict[str, list[np.ndarray]] | None = None, *,
+             background: bool = False) -> None:
+        """Writes checkpoint `step`; with `background`, only the copy to host memory happens before this returns
+        and the files are written on a thread (`wait` finishes them; the next save and a restore wait too).
+        Every worker must call this (saving may need collectives); only the chief's copy is kept, the others
+        write to a temporary folder that is removed."""
+        self.wait()
         parent = self.directory if self.is_chief else pathlib.Path(tempfile.gettempdir())
         parent.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
         try:
-            self._format(tmp).write(tmp)
-            for name, values in (arrays or {}).items():
+            finish_weights = self._format(tmp).snapshot(tmp, background=background)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        arrays = {name: [np.array(v) for v in values] for name, values in (arrays or {}).items()}
+        finish = lambda: self._finish(step, tmp, finish_weights, state, arrays)
+        if not background:
+            return finish()
+        self._writer = threading.Thread(target=self._record_error(finish), name=f"checkpoint-{step}", daemon=True)
+        self._writer.start()
+
+    def wait(self) -> None:
+        """Waits for a background save to be on disk; raises what it failed with."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        error, self._write_error = self._write_error, None
+        if error is not None:
+            raise error
+
+    def _record_error(self, write):
+        def run():
+            try:
+                write()
+            except BaseException as err:  # noqa: BLE001 - raised again by wait(), on the training thread
+                self._write_error = err
+        return run
+
+    def _finish(self, step: int, tmp: pathlib.Path, finish_weights, state: dict,
+                arrays: dict[str, list[np.ndarray]]) -> None:
+        """Completes the files of checkpoint `step` in `tmp`, renames it into place (state.json last) and drops
+        the oldest beyond `keep`."""
+        target = folder(self.directory, step)
+        try:
+            finish_weights()
+            for name, values in arrays.items():
                 np.savez(tmp / f"{name}.npz", *values)
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
             if not self.is_chief:
@@ -181,6 +230,7 @@ class Checkpoints:
 
     def restore_latest(self) -> tuple[dict, dict[str, list[np.ndarray]]] | None:
         """Restores the newest readable checkpoint; a corrupt one is skipped with a warning."""
+        self.wait()
         for step in reversed(self.steps()):
             path = folder(self.directory, step)
             try:

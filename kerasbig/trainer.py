@@ -136,9 +136,9 @@ class Trainer:
         return self._validation
 
     # ---- checkpoints --------------------------------------------------------------------------------
-    def _save(self, callbacks: list, *, complete: bool = False) -> None:
-        """Checkpoints the current state; weights that are no longer finite are never saved, so the last
-        good checkpoint survives a divergence."""
+    def _save(self, callbacks: list, *, complete: bool = False, background: bool = False) -> None:
+        """Checkpoints the current state (with `background`, the files are written while training goes on);
+        weights that are no longer finite are never saved, so the last good checkpoint survives a divergence."""
         step = self.steps.step()
         if not self.steps.all_finite():
             raise RunError(f"the weights are no longer finite at step {step}; training stopped and the last "
@@ -153,7 +153,7 @@ class Trainer:
                 state["callbacks"][name] = callback.get_state()
                 if getattr(callback, "best_weights", None) is not None:
                     arrays[name + ".best_weights"] = callback.best_weights
-        self.checkpoints.save(step, state, arrays)
+        self.checkpoints.save(step, state, arrays, background=background)
 
     def restore(self, callbacks: list = ()) -> dict | None:
         """Loads the latest checkpoint (and callback states) if there is one; returns its state."""
@@ -198,6 +198,7 @@ class Trainer:
                 logs = self._run(callback_list, callbacks, nonfinite, step)
         except (Preempted, RunError):
             callback_list.on_train_end()  # flushes the logs of a run that stops early
+            self.checkpoints.wait()  # the last good checkpoint is on disk before the run exits
             raise
         finally:
             if previous is not None:
@@ -230,7 +231,7 @@ class Trainer:
                     self._save(callbacks)
                     raise Preempted(step)
                 if self._steps_to_checkpoint(step) == train.checkpoint_every_steps and step < end:
-                    self._save(callbacks)
+                    self._save(callbacks, background=True)
             if step == end and ((epoch + 1) % train.eval_every_epochs == 0 or step == self.total_steps):
                 val, labels, predictions = self.evaluate("validation", callback_list)
                 self._validation = (labels, predictions)
@@ -238,7 +239,7 @@ class Trainer:
             callback_list.on_epoch_end(epoch, logs)
             if self.model.stop_training:
                 break
-            self._save(callbacks)
+            self._save(callbacks, background=True)
         callback_list.on_train_end(logs)
         self._save(callbacks, complete=True)
         return logs

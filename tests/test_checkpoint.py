@@ -40,6 +40,26 @@ def test_a_state_without_its_step_falls_back_to_the_previous_checkpoint(tmp_path
     assert state["step"] == 1 and model.layers[0].kernel.numpy().tolist() == [[1.0], [1.0]]
 
 
+def test_a_background_save_keeps_the_values_of_its_step_and_reports_a_failed_write(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, kernel_initializer="ones")])
+    optimizer = keras.optimizers.SGD()
+    optimizer.build(model.trainable_variables)
+    saves = checkpoint.Checkpoints(tmp_path, model=model, optimizer=optimizer, keep=5)
+    saves.save(1, {"step": 1, "complete": False, "callbacks": {}}, {"Best.best_weights": [[3.0]]}, background=True)
+    model.layers[0].kernel.assign([[2.0], [2.0]])  # training goes on while the files are written
+    saves.wait()
+    assert checkpoint.saved_steps(tmp_path) == [1]
+    state, arrays = saves.restore_latest()
+    assert state["step"] == 1 and model.layers[0].kernel.numpy().tolist() == [[1.0], [1.0]]
+    assert arrays["Best.best_weights"][0].tolist() == [3.0]
+
+    saves.save(2, {"step": 2, "not json": object()}, background=True)
+    with pytest.raises(TypeError):
+        saves.wait()
+    assert checkpoint.saved_steps(tmp_path) == [1] and sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
+    saves.wait()  # reported once
+
+
 @pytest.mark.parametrize("error, line", [(ValueError("first\nsecond"), "first"), (KeyError(), "KeyError"),
                                          (RuntimeError("  padded \n"), "padded")])
 def test_first_line_of_an_error(error, line):
