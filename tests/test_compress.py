@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, assert_same_weights, checkpoint_weights, kerasbig, latest_checkpoint, load_config
-from kerasbig import config as config_lib, data
+from kerasbig import config as config_lib, data, lora
 from kerasbig.models import build
 from kerasbig.compress.distillation import load_teacher
 from kerasbig.compress.pruning import Pruner, Schedule, sparsities, strip
@@ -82,6 +82,7 @@ def test_two_of_four_keeps_the_two_largest_of_every_group_along_the_input_axis()
     assert [w.path for w in stripped.weights] == ["net/a/kernel", "net/a/bias",
                                                   "net/b/kernel", "net/b/bias"]
     assert sparsities(stripped) == sparsities(model) == {"net/a/kernel": 0.5, "net/b/kernel": 0.5}
+    assert lora.counts(model) == lora.counts(stripped) == (64 * 32 + 32 + 32 * 8 + 8,) * 2  # masks are no parameters
 
 
 PRUNE = ["--config=configs/digits_mlp.py", "--config.model.hidden=(64,)", "--config.train.steps=40",
