@@ -191,11 +191,15 @@ def main() -> None:
         if unknown:
             raise UsageError(f"--cases: unknown {unknown}; choose from {list(known)}")
     if FLAGS.suite == "compression":
-        tables = compression.suite(FLAGS.cases or list(compression.MODELS))
-        result = "\n\n".join(f"### {name}\n\n{table(rows)}" for name, rows in tables.items())
-        print(f"\n{machine()}\n\n{result}")
-        if FLAGS.output:
-            compression.write_results(pathlib.Path(FLAGS.output), f"Measured on {machine()}.\n\n{result}\n")
+        def markdown(tables: dict) -> str:
+            return "\n\n".join(f"### {name}\n\n{table(rows)}" for name, rows in tables.items())
+
+        def write(tables: dict) -> None:  # after every row, atomically: a partial run keeps its rows
+            if FLAGS.output:
+                compression.write_results(pathlib.Path(FLAGS.output),
+                                          f"Measured on {machine()}.\n\n{markdown(tables)}\n")
+        tables = compression.suite(FLAGS.cases or list(compression.MODELS), on_row=write)
+        print(f"\n{machine()}\n\n{markdown(tables)}")
         return
     if FLAGS.suite == "gpu":
         rows = bench_gpu.suite(FLAGS.cases or list(bench_gpu.BATCHES))

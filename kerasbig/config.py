@@ -102,6 +102,7 @@ def base() -> ml_collections.ConfigDict:
         teacher="",               # a trained run's workdir: distil from its logits ('' = train on labels only)
         temperature=2.0,          # distillation: softmax temperature on teacher and student logits
         teacher_weight=0.5,       # distillation: the teacher's share of the loss, the labels' is 1 - it
+        quantize_training="",     # '' | int8: quantize before training and fine-tune (and export) the int8 model
     )
     return config
 
@@ -154,6 +155,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     quantization.parse_modes(config.export.quantize)
     _check_export_name(config.export.name)
     _check_compress(config.compress)
+    quantization.check_training(config)
     stop = config.train.early_stopping
     if stop.enabled and stop.monitor not in MONITORED:
         raise UsageError(f"config.train.early_stopping.monitor={stop.monitor!r} is not logged by the training loop; "

@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import warnings
 
 import keras
 import numpy as np
@@ -33,6 +32,7 @@ from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from kerasbig import generation, versions
+from kerasbig.compress import quantization
 from kerasbig.data.spec import CLASSIFICATION, LANGUAGE_MODEL, Task
 from kerasbig.data.text import BYTE_VOCAB
 from kerasbig.errors import RunError
@@ -189,9 +189,7 @@ def quantized_copy(model: keras.Model, mode: str = "int8") -> keras.Model:
     """A copy of `model` with Keras's weight quantization (Dense, EinsumDense and Embedding layers)."""
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
-    with warnings.catch_warnings():  # Keras warns for every layer without weights to quantize (Dropout, ...)
-        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
-        copy.quantize(mode)
+    quantization.quantize(copy, mode)
     return copy
 
 

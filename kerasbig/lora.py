@@ -103,9 +103,9 @@ def is_adapted(model: keras.Model) -> bool:
 
 
 def counts(model: keras.Model) -> tuple[int, int]:
-    """(trainable, total) parameters."""
+    """(trainable, total) parameters; boolean weights (pruning's masks) are not parameters."""
     return (sum(math.prod(v.shape) for v in model.trainable_weights),
-            sum(math.prod(v.shape) for v in model.weights))
+            sum(math.prod(v.shape) for v in model.weights if v.dtype != "bool"))
 
 
 def describe(model: keras.Model, optimizer_slots: int) -> str:

@@ -252,7 +252,8 @@ def run() -> None:
         return
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     record = {"config": config_lib.to_dict(config), "config_name": name, "metrics": metrics,
-              "step": trainer.steps.step(), "mixed_precision": FLAGS.mixed_precision}
+              "step": trainer.steps.step(), "mixed_precision": FLAGS.mixed_precision,
+              **compress.export_record(config.compress)}
     path = export.export(model, task, base=export_base, name=export_name, record=record,
                          stable_label=config.export.stable_label)
     print(f"SavedModel: {path}  (verified in a fresh process; serve with TF Serving or python -m kerasbig.serve)")

@@ -1,6 +1,7 @@
 """Compression: pruning's schedule and masks in the compiled step, across SIGKILL and resume, and into the
-SavedModel; its bad inputs."""
+SavedModel; quantization-aware fine-tuning; distillation; their bad inputs."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -11,9 +12,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, assert_same_weights, checkpoint_weights, latest_checkpoint
-from kerasbig import config as config_lib
+from conftest import REPO, assert_same_weights, checkpoint_weights, kerasbig, latest_checkpoint, load_config
+from kerasbig import config as config_lib, data, lora
+from kerasbig.models import build
+from kerasbig.compress.distillation import load_teacher
 from kerasbig.compress.pruning import Pruner, Schedule, sparsities, strip
+from kerasbig.compress.quantization import quantize_for_training
 from kerasbig.errors import UsageError
 
 
@@ -78,18 +82,27 @@ def test_two_of_four_keeps_the_two_largest_of_every_group_along_the_input_axis()
     assert [w.path for w in stripped.weights] == ["net/a/kernel", "net/a/bias",
                                                   "net/b/kernel", "net/b/bias"]
     assert sparsities(stripped) == sparsities(model) == {"net/a/kernel": 0.5, "net/b/kernel": 0.5}
+    assert lora.counts(model) == lora.counts(stripped) == (64 * 32 + 32 + 32 * 8 + 8,) * 2  # masks are no parameters
 
 
 PRUNE = ["--config=configs/digits_mlp.py", "--config.model.hidden=(64,)", "--config.train.steps=40",
          "--config.compress.prune.sparsity=0.8", "--config.compress.prune.start_step=5",
-         "--config.compress.prune.end_step=25", "--config.compress.prune.frequency=4"]
+         "--config.compress.prune.end_step=25", "--config.compress.prune.frequency=4",
+         "--config.train.checkpoint_every_steps=3", "--deterministic"]
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    """(workdir, export base, output) of one pruned run, uninterrupted, exported as float and int8."""
+    root = tmp_path_factory.mktemp("pruned")
+    result = kerasbig("train", *PRUNE, "--config.train.log_every_steps=5", "--config.export.quantize=int8",
+                      f"--workdir={root / 'run'}", f"--export_dir={root / 'models' / 'digits'}")
+    return root / "run", root / "models", result
 
 
 @pytest.mark.slow
-def test_pruned_weights_are_exact_zeros_in_checkpoint_and_saved_model_and_compress(train, tmp_path):
-    workdir, models = tmp_path / "run", tmp_path / "models"
-    result = train(*PRUNE, "--config.train.log_every_steps=5", "--config.export.quantize=int8,int4",
-                   f"--workdir={workdir}", f"--export_dir={models / 'digits'}")
+def test_pruned_weights_are_exact_zeros_in_checkpoint_and_saved_model_and_compress(pruned_run):
+    workdir, models, result = pruned_run
     weights = checkpoint_weights(workdir)
     for layer in ("dense_0", "logits"):
         kernel, mask = weights[f"mlp/{layer}/kernel"], weights[f"mlp/{layer}/prune_mask"]
@@ -106,27 +119,24 @@ def test_pruned_weights_are_exact_zeros_in_checkpoint_and_saved_model_and_compre
     record = json.loads((version / "assets.extra" / "kerasbig.json").read_text())
     assert record["size_gzip_bytes"] < record["size_bytes"] / 2
     assert "Test: accuracy" in result.stdout
-    # Pruned and quantized: a version per mode beside the float one, each with its test accuracy.
-    for number, mode in ((2, "int8"), (3, "int4")):
-        quantized = json.loads((models / "digits" / str(number) / "assets.extra" / "kerasbig.json").read_text())
-        comparison = quantized["comparison"]
-        assert quantized["quantization"] == mode and comparison["float"]["size_bytes"] == record["size_bytes"]
-        assert abs(comparison[mode]["test_accuracy"] - comparison["float"]["test_accuracy"]) < 0.05
-        assert f"SavedModel ({mode}): {models / 'digits' / str(number)}" in result.stdout
-    assert "int8" in (models / "models.config").read_text() and "int4" in (models / "models.config").read_text()
+    # Pruned and quantized: a version beside the float one, with its test accuracy.
+    quantized = json.loads((models / "digits" / "2" / "assets.extra" / "kerasbig.json").read_text())
+    comparison = quantized["comparison"]
+    assert quantized["quantization"] == "int8" and comparison["float"]["size_bytes"] == record["size_bytes"]
+    assert abs(comparison["int8"]["test_accuracy"] - comparison["float"]["test_accuracy"]) < 0.05
+    assert f"SavedModel (int8): {models / 'digits' / '2'}" in result.stdout
+    assert "int8" in (models / "models.config").read_text()
     tags = {value.tag for path in (workdir / "train").glob("events*") for event in tf.compat.v1.train.summary_iterator(
         str(path)) for value in event.summary.value}
     assert {"sparsity/mlp/dense_0/kernel", "sparsity/mlp/logits/kernel", "sparsity/all"} <= tags
 
 
 @pytest.mark.slow
-def test_masks_survive_sigkill_and_resume_exactly(train, tmp_path):
+def test_masks_survive_sigkill_and_resume_exactly(pruned_run, train, tmp_path):
     """Killed mid-schedule and rerun: the weights and masks equal an uninterrupted run's."""
-    args = [*PRUNE, "--config.train.checkpoint_every_steps=3", "--deterministic", "--mode=train"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(*args, f"--workdir={straight}")
-    process = subprocess.Popen([sys.executable, "-m", "kerasbig.train", *args, f"--workdir={resumed}"], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    straight, resumed = pruned_run[0], tmp_path / "resumed"
+    process = subprocess.Popen([sys.executable, "-m", "kerasbig.train", *PRUNE, "--mode=train",
+                                f"--workdir={resumed}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (resumed / "checkpoints" / "step-00000015").exists():  # inside the pruning schedule
         assert process.poll() is None and time.time() < deadline, "training ended before it could be killed"
@@ -135,45 +145,114 @@ def test_masks_survive_sigkill_and_resume_exactly(train, tmp_path):
     process.wait()
     killed_at = int(latest_checkpoint(resumed).name[5:])
     assert killed_at < 25, "killed after the schedule ended"
-    rerun = train(*args, f"--workdir={resumed}")
+    rerun = train(*PRUNE, "--mode=train", f"--workdir={resumed}")
     assert f"Resuming from step {killed_at}" in rerun.stdout
     assert_same_weights(straight, resumed, rtol=1e-6, atol=1e-6)
     masks = {k: v for k, v in checkpoint_weights(resumed).items() if k.endswith("prune_mask")}
     assert len(masks) == 2 and all(np.mean(~m) == pytest.approx(0.8, abs=0.01) for m in masks.values())
 
 
+QUANTIZED = ["--config=configs/digits_cnn.py", "--config.model.filters=(8,)", "--config.model.dense=32",
+             "--config.schedule.warmup_steps=2", "--config.schedule.decay=constant",
+             "--config.train.checkpoint_every_steps=8",
+             "--config.train.log_every_steps=4", "--config.compress.quantize_training=int8", "--deterministic"]
+
+
+def _batch_losses(workdir) -> dict[int, float]:
+    return {event.step: float(tf.make_ndarray(value.tensor)) for path in (workdir / "train").glob("events*")
+            for event in tf.compat.v1.train.summary_iterator(str(path)) for value in event.summary.value
+            if value.tag == "batch_loss"}
+
+
+@pytest.mark.slow
+def test_quantization_aware_fine_tuning_trains_around_int8_kernels_resumes_exactly_and_exports_int8(train, tmp_path):
+    """int8 from the start: the loss falls while the int8 kernels stay as quantized; stopped at step 8 and
+    resumed to 16 equals a straight run of 16; the SavedModel holds int8 kernels and its test score."""
+    straight, resumed, models = tmp_path / "straight", tmp_path / "resumed", tmp_path / "models"
+    result = train(*QUANTIZED, "--config.train.steps=16", f"--workdir={straight}", f"--export_dir={models / 'int8'}")
+    losses = _batch_losses(straight)
+    assert losses[max(losses)] < losses[min(losses)], losses
+    train(*QUANTIZED, "--config.train.steps=8", "--mode=train", f"--workdir={resumed}")
+    at_8 = checkpoint_weights(resumed)
+    rerun = train(*QUANTIZED, "--config.train.steps=16", "--mode=train", f"--workdir={resumed}")
+    assert "Resuming from step 8" in rerun.stdout
+    assert_same_weights(straight, resumed, rtol=1e-6, atol=1e-6)
+    at_16 = checkpoint_weights(resumed)
+    kernels = [k for k, v in at_16.items() if v.dtype == np.int8]
+    assert sorted(kernels) == ["cnn/dense/kernel", "cnn/logits/kernel"], sorted(at_16)
+    for path in kernels:  # frozen as quantized; what stays float trains
+        np.testing.assert_array_equal(at_8[path], at_16[path])
+    assert not np.array_equal(at_8["cnn/logits/bias"], at_16["cnn/logits/bias"])
+    # The SavedModel: the int8 kernels as trained, and the run's test score.
+    version = models / "int8" / "1"
+    saved = tf.train.load_checkpoint(str(version / "variables" / "variables"))
+    int8 = [saved.get_tensor(k) for k, dtype in saved.get_variable_to_dtype_map().items()
+            if k.startswith("variables/") and dtype == tf.int8]  # each variable once
+    assert sorted(v.shape for v in int8) == sorted(at_16[k].shape for k in kernels)
+    for value in int8:
+        assert any(np.array_equal(value, at_16[k]) for k in kernels)
+    record = json.loads((version / "assets.extra" / "kerasbig.json").read_text())
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert record["quantization"] == "int8" and record["metrics"]["accuracy"] == metrics["accuracy"]
+    assert f"Test: accuracy {metrics['accuracy']:.4f}" in result.stdout
+    assert 'key: "int8"' in (models / "models.config").read_text()
+
+
+PRUNING = "compress.prune."
 BAD_PRUNING = [
-    ({"sparsity": 1.0, "end_step": 10}, "config.compress.prune.sparsity=1.0 must be in [0, 1)"),
-    ({"sparsity": -0.1, "end_step": 10}, "config.compress.prune.sparsity=-0.1 must be in [0, 1)"),
-    ({"sparsity": 0.5, "start_step": 20, "end_step": 10}, "config.compress.prune.end_step=10 must come after"),
-    ({"sparsity": 0.5, "end_step": 10, "scope": "row"}, "config.compress.prune.scope='row' is not one of"),
-    ({"structured": True, "sparsity": 0.8, "end_step": 10}, "keeps 2 of every 4 weights"),
-    ({"sparsity": 0.5, "end_step": 10, "frequency": 0}, "config.compress.prune.frequency=0 must be >= 1"),
+    ({PRUNING + "sparsity": 1.0, PRUNING + "end_step": 10}, "config.compress.prune.sparsity=1.0 must be in [0, 1)"),
+    ({PRUNING + "sparsity": -0.1, PRUNING + "end_step": 10}, "config.compress.prune.sparsity=-0.1 must be in [0, 1)"),
+    ({PRUNING + "sparsity": 0.5, PRUNING + "start_step": 20, PRUNING + "end_step": 10},
+     "config.compress.prune.end_step=10 must come after"),
+    ({PRUNING + "sparsity": 0.5, PRUNING + "end_step": 10, PRUNING + "scope": "row"},
+     "config.compress.prune.scope='row' is not one of"),
+    ({PRUNING + "structured": True, PRUNING + "sparsity": 0.8, PRUNING + "end_step": 10}, "keeps 2 of every 4 weights"),
+    ({PRUNING + "sparsity": 0.5, PRUNING + "end_step": 10, PRUNING + "frequency": 0},
+     "config.compress.prune.frequency=0 must be >= 1"),
 ]
 
 
 BAD_QUANTIZATION = [
-    ({"quantize": "gptq"}, "config.export.quantize='gptq': gptq needs the model's blocks described to Keras"),
-    ({"quantize": "float8"}, "float8 keeps float weights"),
-    ({"quantize": "int8,int2"}, "'int2' is not a mode Keras"),
-    ({"quantize": "int8,int8"}, "names a mode twice"),
+    ({"export.quantize": "gptq"}, "config.export.quantize='gptq': gptq needs the model's blocks described to Keras"),
+    ({"export.quantize": "float8"}, "float8 keeps float weights"),
+    ({"export.quantize": "int8,int2"}, "'int2' is not a mode Keras"),
+    ({"export.quantize": "int8,int8"}, "names a mode twice"),
+]
+
+
+BAD_QUANTIZE_TRAINING = [
+    ({"compress.quantize_training": "int4"}, "quantize_training='int4' is not a mode kerasbig fine-tunes"),
+    ({"compress.quantize_training": "int8", PRUNING + "sparsity": 0.5, PRUNING + "end_step": 10},
+     "freezes the kernels that config.compress.prune would prune"),
+    ({"compress.quantize_training": "int8", "export.quantize": "int4"}, "exports the int8 model itself; leave"),
+    ({"compress.quantize_training": "int8", "model.lora_rank": 4}, "the adapters would be merged into float kernels"),
 ]
 
 
 BAD_DISTILLATION = [
-    ({"temperature": 0.0}, "config.compress.temperature=0.0 must be > 0"),
-    ({"teacher_weight": 1.5}, "config.compress.teacher_weight=1.5 must be in [0, 1]"),
+    ({"compress.temperature": 0.0}, "config.compress.temperature=0.0 must be > 0"),
+    ({"compress.teacher_weight": 1.5}, "config.compress.teacher_weight=1.5 must be in [0, 1]"),
 ]
-BAD = BAD_PRUNING + BAD_QUANTIZATION + BAD_DISTILLATION
+BAD = BAD_PRUNING + BAD_QUANTIZATION + BAD_QUANTIZE_TRAINING + BAD_DISTILLATION
 
 
 @pytest.mark.parametrize("values,message", BAD, ids=[m for _, m in BAD])
 def test_bad_compression_values_are_named(values, message):
     config = config_lib.base()
-    section = {"quantize": config.export, "temperature": config.compress, "teacher_weight": config.compress}
-    section.get(next(iter(values)), config.compress.prune).update(values)
+    for key, value in values.items():  # a dotted path from the config's root
+        *sections, leaf = key.split(".")
+        section = config
+        for name in sections:
+            section = section[name]
+        section[leaf] = value
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         config_lib.validate(config)
+
+
+def test_quantize_training_refuses_a_model_without_a_layer_keras_quantizes():
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3)], name="convs")
+    with pytest.raises(UsageError, match="config.compress.quantize_training=int8: model convs has no Dense"):
+        quantize_for_training(model, "int8")
 
 
 @pytest.mark.slow
@@ -204,11 +283,15 @@ def test_distilled_student_against_the_same_student_on_labels_alone(train, tmp_p
     names = [k for k in checkpoint_weights(tmp_path / "distilled")]  # the teacher is not in the student's checkpoint
     assert names and all(k.startswith("mlp/dense_0/") or k.startswith("mlp/logits/") for k in names), names
 
-    for args, message in [(["--config.data.test_fraction=0.3"], "was trained on other data (data.test_fraction: "),
-                          ([], "is not a trained kerasbig workdir")]:
-        source = teacher if args else tmp_path / "alone" / "checkpoints"
-        result = train(*STUDENT, *args, f"--config.compress.teacher={source}", f"--workdir={tmp_path / 'bad'}",
-                       check=False)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
-        assert not (tmp_path / "bad").exists()
+    # A teacher of other data, or a folder that is not a trained run: refused before training (in process: the
+    # one-line exit 2 of a UsageError is test_bad_pruning_is_one_line_exit_2_before_training's).
+    config = load_config("digits_mlp").unlock()
+    task = data.load_task(config.data)
+    student = build(task.spec, config.model)
+    other = config.data.copy_and_resolve_references()
+    other.test_fraction = 0.3
+    for data_config, source, message in [(other, teacher, "was trained on other data (data.test_fraction: "),
+                                         (config.data, tmp_path / "alone" / "checkpoints",
+                                          "is not a trained kerasbig workdir")]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            load_teacher(str(source), data_config, task.spec, student)

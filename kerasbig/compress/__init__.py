@@ -1,5 +1,6 @@
-"""Compression, set by `config.compress`: magnitude pruning (`pruning`), distillation (`distillation`); and the
-quantization modes of `config.export.quantize` (`quantization`).
+"""Compression, set by `config.compress`: magnitude pruning (`pruning`), distillation (`distillation`),
+quantization-aware fine-tuning (`quantize_training`); and the quantization modes of `config.export.quantize`
+(`quantization`).
 
 train.py calls `prepare` and `train_loss` after building the model, adds `callbacks` to the run's and exports
 `servable(model)`.
@@ -10,12 +11,16 @@ import pathlib
 
 import keras
 
+from kerasbig.compress import quantization
 from kerasbig.compress.pruning import Pruner, Schedule, is_pruned, strip
 
 
 def prepare(model: keras.Model, optimizer: keras.optimizers.Optimizer, compress) -> Pruner | None:
-    """Adds pruning masks to `model` when `compress.prune` asks for them. Call it inside the strategy's scope,
-    before the optimizer is built and before checkpoints are made (the masks are part of their state)."""
+    """Quantizes `model` when `compress.quantize_training` asks for it, or adds pruning masks when
+    `compress.prune` does. Call it inside the strategy's scope, before the optimizer is built and before
+    checkpoints are made (quantized weights and masks are part of their state)."""
+    if compress.quantize_training:
+        quantization.quantize_for_training(model, compress.quantize_training)
     prune = compress.prune
     if not (prune.sparsity or prune.structured):
         return None
@@ -48,3 +53,8 @@ def callbacks(model: keras.Model, workdir: pathlib.Path | None, *, log_every_ste
 def servable(model: keras.Model) -> keras.Model:
     """The model to export: without pruning masks (its pruned weights exact zeros)."""
     return strip(model)
+
+
+def export_record(compress) -> dict:
+    """What kerasbig.json says of a model fine-tuned quantized: its mode (its test scores are the run's own)."""
+    return {"quantization": compress.quantize_training} if compress.quantize_training else {}
