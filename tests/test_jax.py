@@ -272,3 +272,39 @@ def test_early_stopping_stops_a_jax_run_at_the_expected_evaluation(tmp_path):
     state = json.loads(sorted((tmp_path / "checkpoints").glob("step-*"))[-1].joinpath("state.json").read_text())
     assert (state["step"], state["complete"], state["stopped_early"]) == (4, True, True)
     assert "Epoch 2/6" in result.stdout and "Epoch 3/6" not in result.stdout
+
+
+@pytest.mark.slow
+def test_rematerialized_blocks_give_the_same_loss_and_gradients_in_less_planned_memory():
+    """config.model.remat=true recomputes each GPT block in the backward pass (jax.checkpoint under Keras's
+    RematScope): the same loss and gradients as holding the activations, and sizing plans fewer activations."""
+    script = textwrap.dedent("""
+        import jax, keras, numpy as np
+        from kerasbig.data.spec import DataSpec
+        from kerasbig.models import gpt, sizing
+        spec = DataSpec("language_model", "tokens", (32,), "int32", 64)
+        tokens = np.random.default_rng(0).integers(0, 64, (4, 33)).astype("int32")
+        results = []
+        for remat in (False, True):
+            keras.utils.set_random_seed(0)
+            model = gpt.build_gpt(spec, width=32, depth=2, heads=4, remat=remat)
+            def loss(trainable):
+                logits, _ = model.stateless_call(trainable, model.non_trainable_variables, tokens[:, :-1])
+                return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(tokens[:, 1:], logits, True))
+            value, grads = jax.value_and_grad(loss)([v.value for v in model.trainable_variables])
+            jaxpr = str(jax.make_jaxpr(jax.grad(loss))([v.value for v in model.trainable_variables]))
+            results.append((float(value), [np.asarray(g) for g in grads], "checkpoint" in jaxpr or "remat" in jaxpr))
+        (plain, plain_grads, plain_marked), (remat, remat_grads, remat_marked) = results
+        assert abs(plain - remat) <= 1e-6 * abs(plain), (plain, remat)
+        for a, b in zip(plain_grads, remat_grads):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        assert remat_marked and not plain_marked
+        sized = [sizing._gpt(spec, width=768, depth=12, heads=12, mlp_ratio=4, dropout=0.0, bias=True, vocab_size=0,
+                             context=0, activation="gelu", remat=remat).activations for remat in (False, True)]
+        assert sized[1] < sized[0] / 4, sized
+        print("ok", plain)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, **JAX})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("ok")
