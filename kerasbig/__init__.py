@@ -35,9 +35,20 @@ def _backend_from_command_line() -> str:
     return os.environ.get("KERAS_BACKEND", "tensorflow")
 
 
-_BACKEND = _backend_from_command_line()
-try:
+def require_tensorflow(feature: str):
+    """TensorFlow, for `feature` of a JAX run (which otherwise never imports it); a one-line UsageError naming the
+    install where it is missing."""
+    try:
+        _import_tensorflow_quietly()
+    except ImportError:
+        from kerasbig.errors import UsageError
+
+        raise UsageError(f"{feature} needs TensorFlow, which is not installed here: pip install tensorflow "
+                         "(without it, JAX trains the language-model datasets text_lm and corpus:)") from None
+    import tensorflow
+
+    return tensorflow
+
+
+if _backend_from_command_line() == "tensorflow":  # a JAX run imports TensorFlow only for what needs it
     _import_tensorflow_quietly()
-except ImportError:
-    if _BACKEND == "tensorflow":
-        raise  # a JAX run needs no TensorFlow

@@ -190,11 +190,12 @@ def _check_export_name(name: str) -> None:
                          "leading '.'), e.g. digits_cnn")
 
 
-# Keys a resumed run may change: how long and how often, not what is trained or how.
+# Keys a resumed run may change: how long and how often, not what is trained or how (rematerialization
+# recomputes the same values).
 RESUMABLE = ("train.epochs", "train.steps", "train.steps_per_execution", "train.jit_compile",
              "train.eval_every_steps", "train.eval_every_epochs", "train.log_every_steps",
              "train.checkpoint_every_steps", "train.keep_checkpoints", "train.early_stopping.", "data.eval_batch_size",
-             "export.")
+             "export.", "model.remat")
 
 
 def resume_conflicts(saved: dict, new: dict) -> list[str]:
@@ -257,7 +258,7 @@ def gpt_pretraining(size: str) -> ml_collections.ConfigDict:
     config.data.batch_size = 512
     config.data.eval_batch_size = 64
     config.model = dict(name="gpt", width=width, depth=depth, heads=heads, mlp_ratio=4, dropout=0.0, bias=True,
-                        vocab_size=vocab, **lora.DEFAULTS)
+                        vocab_size=vocab, remat=False, **lora.DEFAULTS)
     config.optimizer.learning_rate = 3e-4 if big else 6e-4
     config.optimizer.weight_decay = 0.1
     config.optimizer.clip_norm = 1.0

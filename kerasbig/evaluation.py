@@ -6,7 +6,6 @@ import math
 import keras
 import numpy as np
 import sklearn.metrics
-import tensorflow as tf
 
 from kerasbig.data.spec import CLASSIFICATION, Task
 from kerasbig.losses import correct_predictions, per_example_loss
@@ -57,9 +56,9 @@ def serving_scores(model: keras.Model, task: Task, split: str = "test", batch_si
     correct = loss = total = 0.0
     for x, y in task.examples(split).batch(batch_size):
         logits = model(task.preprocess(x), training=False)
-        correct += float(tf.reduce_sum(correct_predictions(y, logits)))
-        loss += float(tf.reduce_sum(per_example_loss(y, logits)))
-        total += int(tf.size(y))
+        correct += float(np.sum(correct_predictions(y, logits)))
+        loss += float(np.sum(per_example_loss(y, logits)))
+        total += int(np.size(y))
     scores = {"accuracy": correct / total}
     if task.spec.kind != CLASSIFICATION:
         scores["bits_per_token"] = loss / total / math.log(2)

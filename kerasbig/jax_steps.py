@@ -10,8 +10,9 @@ variables (a reference swap, no copy), so callbacks and checkpoints see the step
 Strategies (`--strategy`), each a `keras.distribution.Distribution` over a `DeviceMesh`:
 - `one_device`: the first device;
 - `data_parallel`: the batch split over every device (`DataParallel`), variables replicated;
-- `model_parallel`: the large kernels sharded over a `model` axis of every device (`ModelParallel` with the
-  builder's `LayoutMap`, `kerasbig.models.layout_map`); optimizer slots follow their variable's layout.
+- `model_parallel`: the large kernels sharded over a `model` axis (`ModelParallel` with the builder's
+  `LayoutMap`, `kerasbig.models.layout_map`); optimizer slots follow their variable's layout. With
+  `model_shards` K of N devices, the mesh is (batch=N/K, model=K): N/K model replicas, each split K ways.
 Each step sees the same global batch whatever the layout, so losses agree with one device.
 """
 from __future__ import annotations
@@ -24,8 +25,9 @@ import keras
 import numpy as np
 from jax.experimental import multihost_utils
 
+import kerasbig
 from kerasbig import cluster, models
-from kerasbig.data import pipeline
+from kerasbig.data import windows
 from kerasbig.data.spec import Task
 from kerasbig.errors import UsageError
 from kerasbig.losses import correct_predictions, per_example_loss
@@ -52,13 +54,19 @@ def _to_host(array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def make_distribution(name: str, model_config, *, num_devices: int = 0) -> keras.distribution.Distribution:
+def make_distribution(name: str, model_config, *, num_devices: int = 0,
+                      model_shards: int = 0) -> keras.distribution.Distribution:
     """The `keras.distribution` layout `--strategy=name` means over the first `num_devices` devices (0: all);
-    `auto` is data parallel over several devices, else one device."""
+    `auto` is data parallel over several devices, else one device. `model_parallel` splits the kernels over
+    `model_shards` of them (0: all) and the batch over the rest."""
     devices = keras.distribution.list_devices()
     if num_devices > len(devices):
         raise UsageError(f"--num_devices={num_devices} but JAX sees {len(devices)} device(s): {devices}")
     devices = devices[:num_devices or len(devices)]
+    shards = model_shards or len(devices)
+    if len(devices) % shards:
+        raise UsageError(f"--model_shards={model_shards} must divide the {len(devices)} device(s) "
+                         "(the mesh is devices/model_shards replicas by model_shards)")
     if name == "auto":
         name = "data_parallel" if len(devices) > 1 else "one_device"
     if name == "one_device":
@@ -66,7 +74,7 @@ def make_distribution(name: str, model_config, *, num_devices: int = 0) -> keras
     if name == "data_parallel":
         return keras.distribution.DataParallel(devices=devices)
     if name == "model_parallel":
-        mesh = keras.distribution.DeviceMesh((1, len(devices)), ("batch", "model"), devices)
+        mesh = keras.distribution.DeviceMesh((len(devices) // shards, shards), ("batch", "model"), devices)
         return keras.distribution.ModelParallel(layout_map=models.layout_map(model_config, mesh),
                                                 batch_dim_name="batch")
     raise UsageError(f"--strategy={name!r} does not run on JAX (see docs/distributed.md)")
@@ -96,9 +104,13 @@ class JaxSteps:
         return int(self.optimizer.iterations.value)
 
     def train_iterator(self, start_step: int, total_steps: int):
-        """Global batches as numpy, from `start_step` to `total_steps` (the same stream as TensorFlow's)."""
-        return pipeline.train_batches(self.task, global_batch=self.config.data.batch_size, seed=self.seed,
-                                      start_step=start_step, total_steps=total_steps).as_numpy_iterator()
+        """Global batches as numpy, from `start_step` to `total_steps` (the same stream as TensorFlow's): a language
+        model's token windows directly, other datasets through tf.data."""
+        batches = dict(global_batch=self.config.data.batch_size, seed=self.seed, start_step=start_step,
+                       total_steps=total_steps)
+        if self.task.windows is not None:
+            return windows.train_batches(self.task.windows, **batches)
+        return self._tf_pipeline().train_batches(self.task, **batches).as_numpy_iterator()
 
     def train(self, iterator, steps: int, sigterm: bool) -> np.ndarray:
         """Runs `steps` steps: summed (loss, correct, count), SIGTERM (0 or 1), the next learning rate."""
@@ -116,10 +128,14 @@ class JaxSteps:
 
     def evaluate(self, split: str, batch_size: int):
         """Yields (sums, predictions, labels, weights) as numpy for every global batch of `split`."""
-        if split not in self._eval_inputs:  # built once, iterated at every evaluation
-            self._eval_inputs[split] = pipeline.eval_batches(self.task, split, global_batch=batch_size)
+        if self.task.windows is not None:
+            batches = windows.eval_batches(self.task.windows, split, global_batch=batch_size)
+        else:
+            if split not in self._eval_inputs:  # built once, iterated at every evaluation
+                self._eval_inputs[split] = self._tf_pipeline().eval_batches(self.task, split, global_batch=batch_size)
+            batches = self._eval_inputs[split].as_numpy_iterator()
         trainable, non_trainable, _ = self._state()
-        for x, y, w in self._eval_inputs[split].as_numpy_iterator():
+        for x, y, w in batches:
             sums, predictions = self._eval_step(trainable, non_trainable, *self._on_devices((x, y, w)))
             yield _to_host(sums), _to_host(predictions), y, w
 
@@ -136,6 +152,13 @@ class JaxSteps:
     @contextlib.contextmanager
     def cluster_errors(self, doing: str):
         yield  # JAX's coordination service stops every process when one is lost
+
+    @staticmethod
+    def _tf_pipeline():
+        kerasbig.require_tensorflow("tf.data input (datasets other than text_lm and corpus:)")
+        from kerasbig.data import pipeline
+
+        return pipeline
 
     # ---- state --------------------------------------------------------------------------------------
     def _variables(self) -> tuple[list, list, list]:

@@ -18,8 +18,9 @@ import keras
 from absl import flags, logging
 from ml_collections import config_flags
 
-from kerasbig import (checkpoint, cli, compress, config as config_lib, data, distribute, evaluation, export, lora,
-                      models, pretrained)
+# TensorFlow's modules (distribute, export) are imported where the TensorFlow path needs them: a JAX run
+# imports no TensorFlow (see docs/distributed.md).
+from kerasbig import checkpoint, cli, compress, config as config_lib, data, evaluation, lora, models, pretrained
 from kerasbig.callbacks import (Dashboard, EarlyStopping, LearningRateScheduler, ProfileSteps, Throughput,
                                 WarmupDecay, peak_flops_per_device)
 from kerasbig.compress import quantization
@@ -56,6 +57,8 @@ def define_flags() -> None:
                         "JAX: auto, one_device, data_parallel or model_parallel (see docs/distributed.md).")
     flags.DEFINE_integer("num_devices", 0, "JAX: devices to lay the model over (0: all); dry_run: the devices "
                          "of the plan (data_parallel: replicas; model_parallel: shards).")
+    flags.DEFINE_integer("model_shards", 0, "JAX model_parallel: devices each large kernel is split over (0: all "
+                         "of them); the batch is split over num_devices / model_shards model replicas.")
     flags.DEFINE_string("tpu", "", "TPU name or grpc:// address for TPUClusterResolver.")
     flags.DEFINE_integer("num_cpu_replicas", 0, "Split the CPU into N logical devices (MirroredStrategy without GPUs).")
     flags.DEFINE_string("mixed_precision", "float32", f"One of {', '.join(PRECISIONS)}.")
@@ -108,6 +111,9 @@ def parse_flags(argv: list[str]) -> list[str]:
                     "the JAX run's checkpoint)")
     if FLAGS.num_devices < 0:
         cli.fail(2, f"--num_devices={FLAGS.num_devices} must be >= 0")
+    if FLAGS.model_shards < 0 or (FLAGS.model_shards and FLAGS.strategy != "model_parallel"):
+        cli.fail(2, f"--model_shards={FLAGS.model_shards} must be >= 0, and only --strategy=model_parallel "
+                    "splits kernels")
     if FLAGS.profile_steps and (len(FLAGS.profile_steps) != 2 or not all(s.isdigit() for s in FLAGS.profile_steps)):
         cli.fail(2, f"--profile_steps={','.join(FLAGS.profile_steps)} must be two step numbers A,B, e.g. 20,30")
     if FLAGS.num_cpu_replicas < 0:
@@ -119,9 +125,17 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def strategies(backend: str, mode: str) -> tuple[str, ...]:
     """The --strategy values of `backend`; a dry run plans any of them (it only sizes the model)."""
+    if backend == "jax" and mode != "dry_run":
+        return JAX_STRATEGIES
+    try:
+        from kerasbig import distribute  # imports TensorFlow
+    except ImportError:
+        if backend == "jax":  # a dry run on a machine without TensorFlow plans the JAX layouts
+            return JAX_STRATEGIES
+        raise
     if mode == "dry_run":
         return tuple(dict.fromkeys(distribute.STRATEGIES + JAX_STRATEGIES))
-    return JAX_STRATEGIES if backend == "jax" else distribute.STRATEGIES
+    return distribute.STRATEGIES
 
 
 def config_name() -> str:
@@ -148,6 +162,8 @@ def run() -> None:
     if FLAGS.export_format == "hf" and FLAGS.mode in ("train_and_export", "export"):
         pretrained.check_hf_export(config.model)
     if FLAGS.num_cpu_replicas > 1:
+        from kerasbig import distribute
+
         distribute.split_cpu(FLAGS.num_cpu_replicas)
     keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.deterministic and FLAGS.backend == "tensorflow":  # XLA on JAX is deterministic on CPU already
@@ -157,7 +173,9 @@ def run() -> None:
 
     if FLAGS.mode == "dry_run" and FLAGS.strategy in ("data_parallel", "model_parallel"):
         # Planned, not made: these layouts need no devices to be sized.
-        strategy, replicas, chief = None, (FLAGS.num_devices or 1) if FLAGS.strategy == "data_parallel" else 1, True
+        devices = FLAGS.num_devices or 1
+        replicas = devices // (FLAGS.model_shards or devices) if FLAGS.strategy == "model_parallel" else devices
+        strategy, chief = None, True
     else:
         strategy, replicas, chief = make_strategy(config)
     # A dry run plans from the spec and split sizes alone, without reading the examples.
@@ -173,7 +191,7 @@ def run() -> None:
 
     # Activations are held for one micro-batch at a time: the per-replica batch over accumulation steps.
     micro_batch = config.data.batch_size // replicas // config.optimizer.accumulation_steps
-    model_shards = (FLAGS.num_devices or 1) if FLAGS.strategy == "model_parallel" else 1
+    model_shards = (FLAGS.model_shards or FLAGS.num_devices or 1) if FLAGS.strategy == "model_parallel" else 1
     estimate = sizing.estimate(task.spec, config.model, batch_per_replica=micro_batch,
                                precision=FLAGS.mixed_precision, optimizer=config.optimizer.name,
                                model_shards=model_shards)
@@ -242,6 +260,8 @@ def run() -> None:
         print(f"Export: python -m kerasbig.train --backend=tensorflow --mode=export --config=... --workdir={workdir} "
               "(a SavedModel is written under TensorFlow, from this run's checkpoint)")
         return
+    from kerasbig import export
+
     # Adapters folded into the kernels, pruning masks dropped: no LoRA or mask variables in what is exported.
     model = compress.servable(lora.merged(model))
     if FLAGS.export_format == "hf":
@@ -277,9 +297,12 @@ def make_strategy(config) -> tuple:
     if FLAGS.backend == "jax":
         from kerasbig import jax_steps  # imports JAX
         chief = jax_steps.join_cluster()
-        distribution = jax_steps.make_distribution(FLAGS.strategy, config.model, num_devices=FLAGS.num_devices)
+        distribution = jax_steps.make_distribution(FLAGS.strategy, config.model, num_devices=FLAGS.num_devices,
+                                                   model_shards=FLAGS.model_shards)
         keras.distribution.set_distribution(distribution)
         return distribution, distribution.num_model_replicas, chief
+    from kerasbig import distribute
+
     strategy = distribute.make(FLAGS.strategy, tpu=FLAGS.tpu, num_cpu_replicas=FLAGS.num_cpu_replicas)
     return strategy, strategy.num_replicas_in_sync, distribute.is_chief(strategy)
 
@@ -303,6 +326,8 @@ def export_quantized(model, task, *, float_version: pathlib.Path, record: dict, 
     """Writes a quantized version per mode after the float one; each kerasbig.json sets size and test scores
     side by side with the float version's."""
     float_record = json.loads((float_version / "assets.extra" / "kerasbig.json").read_text())
+    from kerasbig import export
+
     float_scores = scores(model, task)
     for mode in modes:
         quantized = export.quantized_copy(model, mode)

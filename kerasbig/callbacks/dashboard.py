@@ -10,13 +10,12 @@ from typing import Any, Callable, Mapping
 
 import keras
 import numpy as np
-import tensorflow as tf  # tf.summary: Keras has no TensorBoard writer API
-from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.hparams import summary_v2 as hp  # the api module imports TensorFlow
 
-from kerasbig import generation
 from kerasbig.data import text
 from kerasbig.data.spec import CLASSIFICATION, LANGUAGE_MODEL, Task
 from kerasbig.errors import UsageError
+from kerasbig.summaries import SummaryWriter
 
 # The HParams table's metric columns: (scalar tag, run under the session, column name).
 HPARAMS_METRICS = (("epoch_loss", "train", "loss"), ("epoch_accuracy", "train", "accuracy"),
@@ -74,14 +73,13 @@ class Dashboard(keras.callbacks.Callback):
         self.sample_tokens = sample_tokens
         self._images = _image_inputs(task) if task and task.spec.kind == CLASSIFICATION else None
         self._prompt = _prompt(task) if task and task.spec.kind == LANGUAGE_MODEL else None
-        self._writers: dict[str, tf.summary.SummaryWriter] = {}
+        self._writers: dict[str, SummaryWriter] = {}
         self._last_written_step: int | None = None
         self._step_offset: int | None = None
 
     # ---- callback hooks -----------------------------------------------------------------------------
     def on_train_begin(self, logs=None):
-        self._writers = {run: tf.summary.create_file_writer(os.path.join(self.log_dir, run))
-                         for run in ("train", "validation")}
+        self._writers = {run: SummaryWriter(os.path.join(self.log_dir, run)) for run in ("train", "validation")}
         self._last_written_step = None
         if self._step() == 0:  # a resumed run keeps what its start wrote
             self._write_start()
@@ -97,21 +95,18 @@ class Dashboard(keras.callbacks.Callback):
         step = self._step_offset + batch
         if self._last_written_step is not None and step - self._last_written_step < self.log_every_steps:
             return
-        with self._writers["train"].as_default(step=step):
-            for name in BATCH_METRICS:
-                if name in (logs or {}):
-                    tf.summary.scalar(f"batch_{name}", float(logs[name]))
+        for name in BATCH_METRICS:
+            if name in (logs or {}):
+                self._writers["train"].scalar(f"batch_{name}", logs[name], step)
         self._last_written_step = step
 
     def on_epoch_end(self, epoch, logs=None):
         step, logs = self._step(), logs or {}
         for name, value in logs.items():
             run, name = ("validation", name[len("val_"):]) if name.startswith("val_") else ("train", name)
-            with self._writers[run].as_default(step=step):
-                tf.summary.scalar(f"epoch_{name}", float(value))
+            self._writers[run].scalar(f"epoch_{name}", value, step)
         if self.task is not None and any(name.startswith("val_") for name in logs):
-            with self._writers["validation"].as_default(step=step):
-                self._write_evaluation()
+            self._write_evaluation(self._writers["validation"], step)
         for writer in self._writers.values():
             writer.flush()  # one epoch's worth shows up at once in a dashboard that is watching
 
@@ -125,33 +120,38 @@ class Dashboard(keras.callbacks.Callback):
         return int(self.model.optimizer.iterations.numpy())  # numpy(): also for a MirroredVariable
 
     def _write_start(self) -> None:
-        root = tf.summary.create_file_writer(self.log_dir)  # the HParams session: its runs are train/, validation/
-        with root.as_default():
-            hp.hparams_config(hparams=[hp.HParam(name) for name in self.hparams],
-                              metrics=[hp.Metric(tag, group=group, display_name=column)
-                                       for tag, group, column in HPARAMS_METRICS])
-            hp.hparams(self.hparams, trial_id=os.path.basename(os.path.normpath(self.log_dir)))  # rows named by run
-        root.close()
-        with self._writers["train"].as_default(step=0):
-            tf.summary.text("config", markdown_table(["key", "value"], self.hparams.items()))
-            if keras.backend.backend() == "tensorflow":  # TensorBoard's graph is a TensorFlow op graph
-                self._write_graph()
+        with SummaryWriter(self.log_dir) as root:  # the HParams session: its runs are train/, validation/
+            root.summary(hp.hparams_config_pb(hparams=[hp.HParam(name) for name in self.hparams],
+                                              metrics=[hp.Metric(tag, group=group, display_name=column)
+                                                       for tag, group, column in HPARAMS_METRICS]), step=0)
+            trial = os.path.basename(os.path.normpath(self.log_dir))  # rows named by run
+            root.summary(hp.hparams_pb(self.hparams, trial_id=trial), step=0)
+        self._writers["train"].text("config", markdown_table(["key", "value"], self.hparams.items()), step=0)
         self._writers["train"].flush()
+        if keras.backend.backend() == "tensorflow":  # TensorBoard's graph is a TensorFlow op graph
+            self._write_graph()
 
     def _write_graph(self) -> None:
-        """The op graph of `model(x, training=False)` for the model's (single) input: only traced, so it
-        costs no device time."""
+        """The op graph of `model(x, training=False)` for the model's (single) input, in `train/`: only traced,
+        so it costs no device time."""
+        import tensorflow as tf
+
         inputs = self.model.inputs[0]
         forward = tf.function(lambda x: self.model(x, training=False))
-        tf.summary.graph(forward.get_concrete_function(tf.TensorSpec(inputs.shape, inputs.dtype)).graph)
+        writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
+        with writer.as_default(step=0):
+            tf.summary.graph(forward.get_concrete_function(tf.TensorSpec(inputs.shape, inputs.dtype)).graph)
+        writer.close()
 
-    def _write_evaluation(self) -> None:
+    def _write_evaluation(self, writer: SummaryWriter, step: int) -> None:
         spec = self.task.spec
         # JAX compiles every op anew for each new shape, and today's decoding grows its inputs token by token
         # (minutes for one sample): samples wait for generation with a preallocated cache there.
-        if (spec.kind == LANGUAGE_MODEL and self.model.name in generation.DECODERS
-                and keras.backend.backend() == "tensorflow"):
-            tf.summary.text("sample", self._sample())
+        if spec.kind == LANGUAGE_MODEL and keras.backend.backend() == "tensorflow":
+            from kerasbig import generation  # TensorFlow's decoding loop
+
+            if self.model.name in generation.DECODERS:
+                writer.text("sample", self._sample(), step)
         if spec.kind != CLASSIFICATION or self.validation_predictions is None:
             return
         results = self.validation_predictions()
@@ -160,23 +160,25 @@ class Dashboard(keras.callbacks.Callback):
         labels, predictions = results
         names = spec.class_names or tuple(str(i) for i in range(spec.num_classes))
         matrix = confusion_matrix(labels, predictions, spec.num_classes)
-        tf.summary.image("confusion_matrix", confusion_image(matrix),
-                         description="Rows: true class, columns: predicted class. Shade: share of the row "
-                                     "(square-root scale); blue: correct, red: mistakes.")
+        writer.image("confusion_matrix", confusion_image(matrix), step,
+                     description="Rows: true class, columns: predicted class. Shade: share of the row "
+                                 "(square-root scale); blue: correct, red: mistakes.")
         if spec.num_classes <= MAX_TABLE_CLASSES:
             header = ["true \\ predicted", *names]
-            tf.summary.text("confusion_counts", markdown_table(header, ([n, *row] for n, row in zip(names, matrix))))
+            writer.text("confusion_counts", markdown_table(header, ([n, *row] for n, row in zip(names, matrix))), step)
         if self._images is not None:
             seen = min(len(self._images), len(labels))
             wrong = np.flatnonzero(labels[:seen] != predictions[:seen])[:self.max_examples]
             if wrong.size:
-                tf.summary.image("misclassified", image_grid(self._images[wrong]))
-                tf.summary.text("misclassified_labels", markdown_table(
+                writer.image("misclassified", image_grid(self._images[wrong]), step)
+                writer.text("misclassified_labels", markdown_table(
                     ["tile", "true", "predicted"],
-                    ((tile, names[labels[i]], names[predictions[i]]) for tile, i in enumerate(wrong, 1))))
+                    ((tile, names[labels[i]], names[predictions[i]]) for tile, i in enumerate(wrong, 1))), step)
 
     def _sample(self) -> str:
         """Markdown: the start of the first validation window, and what the model writes after it."""
+        from kerasbig import generation
+
         continuation = generation.generate(self.model, self._prompt, self.sample_tokens, temperature=0.8, top_k=40)
         decode = self.task.tokenizer.decode if self.task.tokenizer else text.decode
         return (f"**Prompt** ({len(self._prompt)} tokens of the validation set)\n\n"
@@ -196,7 +198,10 @@ def _image_inputs(task: Task) -> np.ndarray | None:
 
 def _prompt(task: Task) -> list[int]:
     """The start of the first validation window: what generated samples continue."""
-    tokens = np.asarray(next(iter(task.examples("validation")))[0])
+    if task.windows is not None:
+        tokens = task.windows.batch("validation", [0])[0][0]
+    else:
+        tokens = np.asarray(next(iter(task.examples("validation")))[0])
     return tokens[:min(PROMPT_TOKENS, len(tokens) // 2)].tolist()
 
 

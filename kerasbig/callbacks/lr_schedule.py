@@ -8,10 +8,10 @@ from __future__ import annotations
 import math
 
 import keras
-import tensorflow as tf  # tf.summary only: Keras has no TensorBoard writer API
 from keras import ops
 
 from kerasbig.errors import UsageError
+from kerasbig.summaries import SummaryWriter
 
 DECAYS = ("cosine", "linear", "exponential", "step", "constant")
 
@@ -134,7 +134,7 @@ class LearningRateScheduler(keras.callbacks.Callback):
             # apply the schedule it was traced with.
             self.model.make_train_function(force=True)
         if self.log_dir:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
+            self._writer = SummaryWriter(self.log_dir)
         self._last_written_step = None
 
     def on_train_batch_end(self, batch, logs=None):
@@ -147,8 +147,7 @@ class LearningRateScheduler(keras.callbacks.Callback):
             logs["learning_rate"] = rate
         if self._writer and (self._last_written_step is None
                              or step - self._last_written_step >= self.log_every_steps):
-            with self._writer.as_default():
-                tf.summary.scalar("learning_rate", rate, step=step)
+            self._writer.scalar("learning_rate", rate, step)
             self._last_written_step = step
 
     def on_epoch_end(self, epoch, logs=None):

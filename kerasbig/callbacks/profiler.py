@@ -1,8 +1,8 @@
-"""Profiles a range of global steps with TensorFlow's profiler, for TensorBoard's Profile tab."""
+"""Profiles a range of global steps with the backend's profiler (TensorFlow's or JAX's), for TensorBoard's
+Profile tab."""
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 from kerasbig.errors import UsageError
 
@@ -28,7 +28,7 @@ class ProfileSteps(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         next_step = int(self.model.optimizer.iterations.numpy()) + 1
         if not self._tracing and self.start <= next_step <= self.stop:
-            tf.profiler.experimental.start(self.log_dir)
+            _start_trace(self.log_dir)
             self._tracing = True
 
     def on_train_batch_end(self, batch, logs=None):
@@ -40,5 +40,29 @@ class ProfileSteps(keras.callbacks.Callback):
             self._finish()
 
     def _finish(self) -> None:
-        tf.profiler.experimental.stop()
+        _stop_trace()
         self._tracing = False
+
+
+
+def _start_trace(log_dir: str) -> None:
+    """`jax.profiler` on JAX (the same trace format, under log_dir/plugins/profile), else TensorFlow's profiler."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        jax.profiler.start_trace(log_dir)
+    else:
+        import tensorflow as tf
+
+        tf.profiler.experimental.start(log_dir)
+
+
+def _stop_trace() -> None:
+    if keras.backend.backend() == "jax":
+        import jax
+
+        jax.profiler.stop_trace()
+    else:
+        import tensorflow as tf
+
+        tf.profiler.experimental.stop()

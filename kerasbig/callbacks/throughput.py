@@ -4,9 +4,9 @@ from __future__ import annotations
 import time
 
 import keras
-import tensorflow as tf  # tf.summary for TensorBoard; tf.config to name the accelerator
 
 from kerasbig.errors import UsageError
+from kerasbig.summaries import SummaryWriter
 
 # Dense bf16 (fp16 where the chip has no bf16) tensor-core peak per chip, from vendor datasheets.
 # Checked in order, so a more specific name comes before a name it contains.
@@ -27,7 +27,7 @@ PEAK_FLOPS = (
 def peak_flops_per_device(peak_tflops: float | None = None, device_name: str | None = None) -> float | None:
     """Peak FLOP/s of one accelerator: `peak_tflops` if given, else looked up from its name.
 
-    `device_name` defaults to the first GPU's name as TensorFlow reports it. Returns None when
+    `device_name` defaults to the first GPU's name as the backend reports it. Returns None when
     there is no accelerator (CPU) or the name is not in `PEAK_FLOPS`: pass `peak_tflops` then.
 
     >>> peak_flops_per_device(device_name="NVIDIA H100 80GB HBM3")
@@ -44,6 +44,14 @@ def peak_flops_per_device(peak_tflops: float | None = None, device_name: str | N
 
 
 def _first_gpu_name() -> str | None:
+    """The first GPU's name as the Keras backend reports it ("NVIDIA H100 80GB HBM3"), or None."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        gpus = [device for device in jax.devices() if device.platform == "gpu"]
+        return gpus[0].device_kind if gpus else None
+    import tensorflow as tf
+
     gpus = tf.config.list_physical_devices("GPU")
     return tf.config.experimental.get_device_details(gpus[0]).get("device_name") if gpus else None
 
@@ -89,7 +97,7 @@ class Throughput(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.log_dir:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
+            self._writer = SummaryWriter(self.log_dir)
         self._last = None
         self._window = (0, 0.0)
 
@@ -131,7 +139,6 @@ class Throughput(keras.callbacks.Callback):
         return rates
 
     def _write(self, step: int) -> None:
-        with self._writer.as_default():
-            for name, value in self.rates(*self._window).items():
-                tf.summary.scalar(name, value, step=step)
+        for name, value in self.rates(*self._window).items():
+            self._writer.scalar(name, value, step)
         self._window = (0, 0.0)

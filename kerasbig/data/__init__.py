@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import importlib
 
+import kerasbig
 from kerasbig.data import text
-from kerasbig.data.digits import load_digits
 from kerasbig.data.spec import Plan, Task
 from kerasbig.errors import UsageError
 
 EMBEDDED = {
-    "digits": lambda c: load_digits(test_fraction=c.test_fraction, validation_fraction=c.validation_fraction,
+    "digits": lambda c: importlib.import_module("kerasbig.data.digits").load_digits(test_fraction=c.test_fraction, validation_fraction=c.validation_fraction,
                                     augment=c.augment, seed=c.split_seed),
     "text_lm": lambda c: text.load_text_lm(seq_len=c.seq_len, source=c.source, seed=c.split_seed,
                                            max_tokens=c.max_tokens),
@@ -32,6 +32,7 @@ EMBEDDED = {
 # Imported when asked for: tensorflow_datasets and sentencepiece are slow to import.
 KINDS = {"tfds": "tfds", "images": "images", "text": "text_folders", "csv": "table", "corpus": "corpus"}
 NAMES = (*EMBEDDED, *(f"{kind}:..." for kind in KINDS))
+WITHOUT_TENSORFLOW = ("text_lm", "corpus")  # language models, read as numpy token windows (Task.windows)
 
 
 def _kind(name: str):
@@ -44,6 +45,7 @@ def _kind(name: str):
 
 def load_task(data_config) -> Task:
     """Loads the dataset `data_config.name` names, split three ways (fixed by `data_config.split_seed`)."""
+    _check_tensorflow(data_config.name)
     if data_config.name in EMBEDDED:
         return EMBEDDED[data_config.name](data_config)
     module, argument = _kind(data_config.name)
@@ -53,8 +55,15 @@ def load_task(data_config) -> Task:
 def load_plan(data_config) -> Plan:
     """The spec and split sizes of `data_config.name`, reading only what they need (embedded data is in memory,
     so it simply loads)."""
+    _check_tensorflow(data_config.name)
     if data_config.name in EMBEDDED:
         task = EMBEDDED[data_config.name](data_config)
         return Plan(task.spec, task.num_examples)
     module, argument = _kind(data_config.name)
     return module.plan(argument, data_config)
+
+
+def _check_tensorflow(name: str) -> None:
+    """Every dataset but the language models' is read through tf.data: one line where TensorFlow is missing."""
+    if name.partition(":")[0] not in WITHOUT_TENSORFLOW:
+        kerasbig.require_tensorflow(f"config.data.name={name!r}")

@@ -35,10 +35,9 @@ import shutil
 import tempfile
 
 import numpy as np
-import tensorflow as tf
 
-from kerasbig.data import text
-from kerasbig.data.spec import LANGUAGE_MODEL, DataSpec, Plan, Task
+from kerasbig.data import text, windows as windows_lib
+from kerasbig.data.spec import LANGUAGE_MODEL, DataSpec, Plan, Task, tensorflow_splits
 from kerasbig.errors import UsageError
 
 CACHE = pathlib.Path(__file__).resolve().parents[2] / "logs" / "cache"
@@ -342,25 +341,37 @@ def load(pattern: str, data_config) -> Task:
         tokenizer = pretrained_tokenizer(data_config.tokenizer)
     else:
         tokenizer = PieceTokenizer(model.read_bytes()) if model.is_file() else ByteTokenizer()
-    seq_len = data_config.seq_len
-    shards = [Shards(folder, split, meta) for split in text.SPLITS]
-    counts = _window_counts(meta["shards"], seq_len, flag)
+    shards = {split: Shards(folder, split, meta) for split in text.SPLITS}
+    windows = windows_lib.TokenWindows(read=lambda split, start, count: shards[split].read(start, count),
+                                       counts=_window_counts(meta["shards"], data_config.seq_len, flag),
+                                       seq_len=data_config.seq_len)
+    return Task(
+        spec=_spec(data_config.seq_len, tokenizer.vocab_size),
+        **_tf_splits(windows),
+        num_examples=windows.counts,
+        token_bytes=tokenizer.token_bytes(),
+        tokenizer=tokenizer,
+        windows=windows,
+    )
+
+
+def _tf_splits(windows: windows_lib.TokenWindows) -> dict:
+    """tf.data splits of (split number, window number), which `load` reads from the shards after shuffling;
+    None off TensorFlow."""
+    if not tensorflow_splits():
+        return text.NO_TF_SPLITS
+    import tensorflow as tf
+
+    seq_len = windows.seq_len
 
     def window(split, index):
-        return shards[split].read(int(index) * seq_len, seq_len + 1)
+        return windows.read(text.SPLITS[int(split)], int(index) * seq_len, seq_len + 1)
 
     def load_window(split, index):
         """A stored (split number, window number) -> (inputs, next-token labels)."""
         tokens = tf.ensure_shape(tf.numpy_function(window, [split, index], tf.int32, stateful=False), [seq_len + 1])
         return tokens[:-1], tokens[1:]
 
-    return Task(
-        spec=_spec(seq_len, tokenizer.vocab_size),
-        **{split: tf.data.Dataset.range(counts[split]).map(lambda index, k=k: (tf.constant(k), index))
-           for k, split in enumerate(text.SPLITS)},
-        num_examples=counts,
-        serving_input=tf.TensorSpec([None, None], tf.int32, name="tokens"),
-        load=load_window,
-        token_bytes=tokenizer.token_bytes(),
-        tokenizer=tokenizer,
-    )
+    return {**{split: tf.data.Dataset.range(windows.counts[split]).map(lambda index, k=k: (tf.constant(k), index))
+               for k, split in enumerate(text.SPLITS)},
+            "serving_input": tf.TensorSpec([None, None], tf.int32, name="tokens"), "load": load_window}

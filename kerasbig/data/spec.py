@@ -2,13 +2,25 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
-import tensorflow as tf
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from kerasbig.data.windows import TokenWindows
 
 CLASSIFICATION = "classification"
 LANGUAGE_MODEL = "language_model"
+
+
+def tensorflow_splits() -> bool:
+    """Whether the loaders build a task's tf.data splits: on the TensorFlow backend (a JAX run reads the language
+    models' `Task.windows`, and imports TensorFlow only for datasets that need it)."""
+    import keras
+
+    return keras.backend.backend() == "tensorflow"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,24 +95,28 @@ class Task:
     `token_bytes[id]` (language models) is how many bytes of text token `id` stands for, so that evaluation
     reports bits per byte honestly whatever the tokenizer. `encoded` (optional) is the form clients send when
     that is not the raw input (see `EncodedInput`). `tokenizer` (language models) turns text into token ids and
-    back; None means UTF-8 bytes.
+    back; None means UTF-8 bytes. `windows` (language models) reads the token windows as numpy: a JAX run's
+    input, for which the loaders leave the TensorFlow parts (the splits, `serving_input`, `load`) None.
     """
 
     spec: DataSpec
-    train: tf.data.Dataset
-    validation: tf.data.Dataset
-    test: tf.data.Dataset
+    train: tf.data.Dataset | None
+    validation: tf.data.Dataset | None
+    test: tf.data.Dataset | None
     num_examples: dict[str, int]
     # A batch of raw inputs, e.g. TensorSpec([None, 8, 8], tf.float32, "image"), or a dict of them by name.
-    serving_input: tf.TensorSpec | dict[str, tf.TensorSpec]
+    serving_input: tf.TensorSpec | dict[str, tf.TensorSpec] | None
     preprocess: Callable[[tf.Tensor], tf.Tensor] = lambda x: x
     augment: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None
     load: Callable[..., tuple] | None = None
     token_bytes: np.ndarray | None = None  # language models: UTF-8 bytes each token id stands for (bits per byte)
     encoded: EncodedInput | None = None
     tokenizer: Tokenizer | None = None
+    windows: TokenWindows | None = None
 
     def examples(self, split: str) -> tf.data.Dataset:
         """The raw `(input, label)` examples of `split`, in its stored order."""
+        import tensorflow as tf  # only the TensorFlow path reads tf.data splits
+
         stored = getattr(self, split)
         return stored if self.load is None else stored.map(self.load, num_parallel_calls=tf.data.AUTOTUNE)

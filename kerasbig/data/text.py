@@ -14,14 +14,15 @@ import os
 import sysconfig
 
 import numpy as np
-import tensorflow as tf
 
-from kerasbig.data.spec import CLASSIFICATION, LANGUAGE_MODEL, DataSpec, Task
+from kerasbig.data import windows as windows_lib
+from kerasbig.data.spec import CLASSIFICATION, LANGUAGE_MODEL, DataSpec, Task, tensorflow_splits
 from kerasbig.errors import UsageError
 
 PAD = 0
 BYTE_VOCAB = 256
 SPLITS = ("train", "validation", "test")
+NO_TF_SPLITS = {**dict.fromkeys(SPLITS), "serving_input": None}  # a language model's Task off TensorFlow
 EVAL_FRACTION = 0.1  # of a corpus' characters, for validation and for test each
 LM_SOURCES = ("pydoc_topics", "stdlib", "both")
 # Present, as folders of several files, in Python 3.10 to 3.13.
@@ -50,6 +51,8 @@ def bytes_to_ids(text: tf.Tensor, seq_len: int) -> tf.Tensor:
 
     The serving signature runs this, so clients send plain text.
     """
+    import tensorflow as tf
+
     return tf.cast(tf.io.decode_raw(text, tf.uint8, fixed_length=seq_len), tf.int32)
 
 
@@ -129,15 +132,25 @@ def load_text_lm(*, seq_len: int, source: str = "pydoc_topics", seed: int, max_t
     names = split_documents(documents, seed)
     texts = {split: chr(PAD).join(documents[name] for name in names[split]) for split in SPLITS}
     shares = {"train": 1 - 2 * EVAL_FRACTION, "validation": EVAL_FRACTION, "test": EVAL_FRACTION}
-    windows = {split: _windows(encode(texts[split])[:int(max_tokens * shares[split])], seq_len)
-               for split in SPLITS}
+    tokens = {split: encode(texts[split])[:int(max_tokens * shares[split])] for split in SPLITS}
+    windows = {split: _windows(tokens[split], seq_len) for split in SPLITS}
     return Task(
         spec=DataSpec(LANGUAGE_MODEL, "tokens", (seq_len,), "int32", BYTE_VOCAB),
-        **{split: tf.data.Dataset.from_tensor_slices(windows[split]) for split in SPLITS},
+        **_tf_windows(windows),
         num_examples={split: len(windows[split][0]) for split in SPLITS},
-        serving_input=tf.TensorSpec([None, None], tf.int32, name="tokens"),
         token_bytes=np.ones(BYTE_VOCAB, np.int64),
+        windows=windows_lib.in_memory(tokens, seq_len),
     )
+
+
+def _tf_windows(windows: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
+    """The tf.data splits and serving input of in-memory (inputs, labels) windows; None off TensorFlow."""
+    if not tensorflow_splits():
+        return NO_TF_SPLITS
+    import tensorflow as tf
+
+    return {**{split: tf.data.Dataset.from_tensor_slices(windows[split]) for split in SPLITS},
+            "serving_input": tf.TensorSpec([None, None], tf.int32, name="tokens")}
 
 
 def _windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,10 +171,13 @@ def load_text_classification(*, seq_len: int, packages: tuple[str, ...] = PACKAG
     `max_per_class` training snippets and `eval_per_class` for validation and for test, sampled by `seed`. Examples are
     (raw text, label); `preprocess` turns a batch of text into byte ids, in training and in serving.
 
+    >>> import tensorflow as tf
     >>> task = load_text_classification(seq_len=256, seed=0)
     >>> task.spec.class_names[:3], task.preprocess(tf.constant(["import json"])).shape
     (('asyncio', 'email', 'http'), TensorShape([1, 256]))
     """
+    import tensorflow as tf
+
     rng = np.random.default_rng(seed)
     caps = {"train": max_per_class, "validation": eval_per_class, "test": eval_per_class}
     examples = {split: ([], []) for split in SPLITS}

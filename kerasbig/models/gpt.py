@@ -11,6 +11,7 @@ The output head is the token embedding matrix transposed (weight tying), so para
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import keras
@@ -157,9 +158,11 @@ def check_hyperparameters(spec: DataSpec, *, width: int, depth: int, heads: int,
 
 def build_gpt(spec: DataSpec, *, width: int = 768, depth: int = 12, heads: int = 12, mlp_ratio: int = 4,
               dropout: float = 0.0, bias: bool = True, vocab_size: int = 0, context: int = 0,
-              activation: str = "gelu") -> keras.Model:
+              activation: str = "gelu", remat: bool = False) -> keras.Model:
     """A GPT over `vocab_size` tokens (0: the data's `spec.num_classes`) with a context of `context` positions
     (0: the data's `spec.seq_len`); the defaults are GPT-2 124M's shape. `activation` is one of ACTIVATIONS.
+    `remat`: rematerialize each block (`keras.RematScope`): its activations are recomputed in the backward pass
+    instead of held, so training holds each block's input and one block's activations at a time.
 
     Inputs may be shorter than the context (generation feeds growing prefixes).
 
@@ -180,9 +183,11 @@ def build_gpt(spec: DataSpec, *, width: int = 768, depth: int = 12, heads: int =
                                                  embeddings_initializer=_normal(INIT_STD), name="token_embedding")
     x = PositionEmbedding(context or spec.seq_len, initializer=_normal(INIT_STD), name="position_embedding")(embedding(tokens))
     x = keras.layers.Dropout(dropout)(x)
-    for i in range(depth):
-        x = Block(width, heads, mlp_ratio=mlp_ratio, dropout=dropout, use_bias=bias, output_stddev=output_stddev,
-                  activation=activation, name=f"block_{i}")(x)
+    names = [f"block_{i}" for i in range(depth)]
+    with keras.RematScope(mode="list_of_layers", layer_names=names) if remat else contextlib.nullcontext():
+        for name in names:
+            x = Block(width, heads, mlp_ratio=mlp_ratio, dropout=dropout, use_bias=bias, output_stddev=output_stddev,
+                      activation=activation, name=name)(x)
     x = keras.layers.LayerNormalization(epsilon=1e-5, center=bias, name="ln_f")(x)
     logits = keras.layers.Activation("linear", dtype="float32", name="logits")(embedding(x, reverse=True))
     return keras.Model(tokens, logits, name="gpt")

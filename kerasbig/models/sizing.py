@@ -156,8 +156,9 @@ def _with_defaults(name: str, kwargs: dict) -> dict:
 
 
 def _gpt(spec: DataSpec, *, width: int, depth: int, heads: int, mlp_ratio: int, dropout: float,
-         bias: bool, vocab_size: int, context: int, activation: str) -> _Counts:
-    """A GPT's counts from its shapes alone (the activation costs no matrix product)."""
+         bias: bool, vocab_size: int, context: int, activation: str, remat: bool = False) -> _Counts:
+    """A GPT's counts from its shapes alone (the activation costs no matrix product). With `remat`, training
+    holds each block's input and one block's activations (recomputed in the backward pass)."""
     gpt.check_hyperparameters(spec, width=width, depth=depth, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout)
     vocab, table, context, b = gpt.vocabulary(spec, vocab_size), context or spec.seq_len, spec.seq_len, int(bias)
     layer_norm = (1 + b) * width  # scale, and the offset when bias=True
@@ -169,7 +170,9 @@ def _gpt(spec: DataSpec, *, width: int, depth: int, heads: int, mlp_ratio: int, 
     train_per_token = 6 * (params - table * width) + 12 * depth * width * context
     per_token_layer = (8 + 2 * mlp_ratio) * width + heads * context
     return _Counts(params, params, forward_flops=train_per_token * context // 3,
-                   activations=context * (depth * per_token_layer + width),  # blocks and the final LayerNorm
+                   # blocks and the final LayerNorm
+                   activations=context * ((depth * width + per_token_layer if remat else depth * per_token_layer)
+                                          + width),
                    float32_activations=2 * context * vocab,  # logits and the loss's softmax
                    sharded=sharded)
 
