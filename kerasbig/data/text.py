@@ -12,12 +12,16 @@ from __future__ import annotations
 import functools
 import os
 import sysconfig
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kerasbig.data import windows as windows_lib
 from kerasbig.data.spec import CLASSIFICATION, LANGUAGE_MODEL, DataSpec, Task, tensorflow_splits
 from kerasbig.errors import UsageError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 PAD = 0
 BYTE_VOCAB = 256
