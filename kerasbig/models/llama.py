@@ -82,9 +82,8 @@ class LlamaAttention(keras.layers.Layer):
         """`gpt.CausalSelfAttention.call_with_cache` with rotary positions: the cached keys are rotated already."""
         q, k, v = self._projections(x, index)
         keys, values = (gpt.write_positions(cached, new, index) for cached, new in zip(cache, (k, v)))
-        new, total = ops.shape(q)[1], ops.shape(keys)[1]
-        mask = ops.arange(total)[None, :] <= (index + ops.arange(new))[:, None]
-        return self._attend(q, keys, values, mask=mask), (keys, values)
+        attended_keys, attended_values, mask = gpt.attended_prefix(keys, values, index, ops.shape(q)[1])
+        return self._attend(q, attended_keys, attended_values, mask=mask), (keys, values)
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "kv_heads": self.kv_heads,
