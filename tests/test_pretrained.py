@@ -76,6 +76,14 @@ def test_token_ids_equal_those_of_transformers(name, files, tmp_path):
     assert set(tokenizer.files) == set(files)
 
 
+def test_a_keras_hub_presets_own_tokenizer_gives_the_ids_of_transformers():
+    tokenizer = tokenizers.load(FIXTURES / "gpt2_keras_hub")  # its assets/tokenizer/vocabulary.json + merges.txt
+    assert tokenizer.encode(TEXT).tolist() == reference("gpt2_tiny")["ids"].tolist()
+    # keras-hub's own tokenizer splits runs of spaces otherwise (202 ids, not 205): other ids, the same text.
+    assert tokenizer.decode(reference("gpt2_keras_hub")["text_ids"]) == TEXT
+    assert set(tokenizer.files) == {"vocab.json", "merges.txt"}  # kept under Hugging Face's names
+
+
 def test_llama_decode_with_a_cache_equals_the_whole_forward_pass():
     model = load(FIXTURES / "llama_tiny")
     ids = reference("llama_tiny")["ids"][None, :12]
@@ -300,16 +308,19 @@ def test_data_the_checkpoints_tokenizer_cannot_read_is_refused(data_name, tokeni
         pretrained.adopt_tokenizer(config)
 
 
-def test_corpus_data_takes_the_checkpoints_tokenizer(tmp_path):
+@pytest.mark.parametrize("name, files", [("llama_tiny", {"tokenizer.model"}),
+                                         ("gpt2_keras_hub", {"vocab.json", "merges.txt"})])
+def test_corpus_data_takes_the_checkpoints_tokenizer(name, files, tmp_path):
     from kerasbig.config import base
 
     config = base()
     config.data.name = f"corpus:{write_corpus(tmp_path / 'docs')}/*.txt"
     config.data.cache_dir = str(tmp_path / "cache")
-    config.model = {"init_from": str(FIXTURES / "llama_tiny")}
+    config.model = {"init_from": str(FIXTURES / name)}
     pretrained.adopt_tokenizer(config)
+    assert config.data.tokenizer == f"pretrained:{FIXTURES / name}"
     task = data.load_task(config.data)
-    assert task.spec.num_classes == 320 and set(task.tokenizer.files) == {"tokenizer.model"}
+    assert task.spec.num_classes == 320 and set(task.tokenizer.files) == files
     inputs, _ = next(iter(task.examples("train")))
     document = task.tokenizer.decode(inputs.numpy())
     assert task.tokenizer.encode(document)[:16].tolist() == inputs.numpy()[:16].tolist()
