@@ -42,7 +42,7 @@ def load(init_from, **model_keys) -> keras.Model:
     return model
 
 
-@pytest.mark.parametrize("name", [*FAMILIES, "gpt2_keras_hub"])
+@pytest.mark.parametrize("name", [*FAMILIES, "llama31_tiny", "gpt2_keras_hub"])
 def test_logits_equal_those_of_transformers_and_keras_hub(name):
     want = reference(name)
     got = load(FIXTURES / name)(want["ids"][None, :CONTEXT]).numpy()[0]
@@ -74,6 +74,17 @@ def test_token_ids_equal_those_of_transformers(name, files, tmp_path):
     assert ids.tolist() == reference(name)["ids"].tolist()
     assert tokenizer.decode(ids) == TEXT
     assert set(tokenizer.files) == set(files)
+
+
+def test_llama31_scaled_rotary_positions_are_read_and_written_back(tmp_path):
+    from kerasbig.pretrained import hf
+
+    want = reference("llama31_tiny")
+    unscaled = broken_copy(tmp_path, "llama31_tiny", edit_config(rope_parameters={"rope_type": "default"}))
+    assert np.abs(load(unscaled)(want["ids"][None, :CONTEXT]).numpy()[0] - want["logits"]).max() > 1e-2
+    name, hyper = models.hyperparameters({"init_from": str(FIXTURES / "llama31_tiny")})
+    written = hf.checkpoint_config(name, hyper, vocab=320, context=4 * CONTEXT, end_token=None)
+    assert written["rope_parameters"] == hf.read_config(FIXTURES / "llama31_tiny")["rope_parameters"]
 
 
 def test_a_keras_hub_presets_own_tokenizer_gives_the_ids_of_transformers():
@@ -140,6 +151,10 @@ BAD_CHECKPOINTS = {
     "truncated weights": ("llama_tiny", truncate, "cannot read model.safetensors"),
     "a tensor missing": ("llama_tiny", drop_tensor, "lack 'model.norm.weight'"),
     "unknown model_type": ("gpt2_tiny", edit_config(model_type="bert"), "model_type 'bert'"),
+    "unknown rotary scaling": ("llama31_tiny", edit_config(rope_parameters={"rope_type": "yarn"}),
+                               "rope_type='yarn' is not supported"),
+    "partial Llama 3.1 scaling": ("llama31_tiny", edit_config(rope_parameters={"rope_type": "llama3", "factor": 8.0}),
+                                  r"rope_type 'llama3' needs \['low_freq_factor'"),
     "vocabulary not the weights'": ("gpt2_tiny", edit_config(vocab_size=400), "in config.json"),
     "context not the weights'": ("gpt2_tiny", edit_config(n_positions=128), r"\(64, 32\) in the weights"),
     "depth not the weights'": ("llama_tiny", edit_config(num_hidden_layers=3), "lack 'model.layers.2"),
