@@ -173,10 +173,9 @@ def test_generate_command_samples_from_a_trained_workdir(tmp_path):
     workdir = tmp_path / "gpt"
     kerasbig("train", "--config=configs/gpt_small.py", "--config.train.steps=5", "--config.model.width=32",
              "--config.model.depth=1", "--config.train.jit_compile=False", "--mode=train", f"--workdir={workdir}")
-    args = [f"--workdir={workdir}", "--prompt=The for statement", "--max_new_tokens=24", "--temperature=0"]
-    first, again = kerasbig("generate", *args), kerasbig("generate", *args)
-    assert first.stdout == again.stdout  # greedy: the same text every time
-    header, text = first.stdout.split("\n", 1)
+    printed = kerasbig("generate", f"--workdir={workdir}", "--prompt=The for statement", "--max_new_tokens=24",
+                       "--temperature=0")
+    header, text = printed.stdout.split("\n", 1)
     assert header == "[gpt at step 5]" and text.startswith("The for statement") and len(text) > len("The for statement")
     missing = kerasbig("generate", f"--workdir={tmp_path / 'nothing'}", check=False)
     assert missing.returncode == 2 and "holds no config.json" in missing.stderr

@@ -240,6 +240,8 @@ def test_gpt2_fine_tunes_on_cpython_docs_and_exports_with_its_tokenizer(lora_ran
     for file in ("vocab.json", "merges.txt"):
         assert (version / "assets.extra" / file).read_bytes() == (FIXTURES / "gpt2_tiny" / file).read_bytes()
         assert (run / file).is_file()
+    if not lora_rank:  # test_hf_export_round_trips writes full models; here the adapters must be merged in
+        return
     tokens = tokenizers.load(FIXTURES / "gpt2_tiny").encode("The for statement")[None]
     served = tf.saved_model.load(str(version)).signatures["serving_default"](tokens=tf.constant(tokens))
     kerasbig("train", f"--config={config}", f"--workdir={run}", "--mode=export", "--export_format=hf",
