@@ -4,10 +4,11 @@ SavedModel's `generate` signature serves, so both give the same tokens for the s
 `generate_tokens` takes a batch of right-padded prompts with their lengths. It runs the padded prompts once
 (filling a key/value cache preallocated for every position the request can reach, rounded up to a power of two),
 then one position per step in a `tf.while_loop` over fixed-shape tensors (the token buffer, the cache, the last
-logits), so the graph never grows a tensor. Each step writes only its own position into the cache and attends
-over the filled prefix, cut to a power of two, so a step costs what the positions so far cost, not the context. A sequence stops at `end_token`, after
-`max_new_tokens` or at the model's context, whichever comes first; sampling is stateless, seeded by
-`seed` and the position, so the same inputs draw the same tokens in any process.
+logits), so the graph never grows a tensor. Each step scatters its own position into the cache and attends over
+the filled prefix, cut to a power of two, so its attention costs what the positions so far cost, not the
+context. A sequence stops at `end_token`, after `max_new_tokens` or at the model's context, whichever comes
+first; sampling is stateless, seeded by `seed` and the position, so the same inputs draw the same tokens in any
+process.
 
 Each model family plugs in a `Decoder`: a preallocated cache and a `decode` that runs new positions into it
 (`kerasbig.models.gpt`). `RECOMPUTE` runs the whole model on the prefix at every step instead: the slow
