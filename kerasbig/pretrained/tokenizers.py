@@ -1,6 +1,7 @@
 """A checkpoint's own tokenizer, read from its folder: SentencePiece `tokenizer.model` (Llama) or GPT-2's byte-level
 BPE (`vocab.json` + `merges.txt`, or `tokenizer.json`, or a keras-hub preset's `assets/tokenizer/`). Token ids
-equal those of the `transformers` tokenizer called with `add_special_tokens=False` (tests/fixtures hold its ids of prose, code and non-ASCII text).
+equal those of the `transformers` tokenizer called with `add_special_tokens=False` (tests/fixtures hold its ids of
+prose, code and non-ASCII text).
 
 Clients tokenize too: `files` are what the run keeps in its workdir and the export in `assets.extra/`.
 """
