@@ -2,11 +2,13 @@
 SavedModel's `generate` signature serves, so both give the same tokens for the same seed.
 
 `generate_tokens` takes a batch of right-padded prompts with their lengths. It runs the padded prompts once
-(filling a key/value cache preallocated for the whole context), then one position per step in a
-`tf.while_loop` over fixed-shape tensors (the token buffer, the cache, the last logits), so the graph
-never grows a tensor and XLA can compile the loop once. A sequence stops at `end_token`, after
-`max_new_tokens` or at the model's context, whichever comes first; sampling is stateless, seeded by
-`seed` and the position, so the same inputs draw the same tokens in any process.
+(filling a key/value cache preallocated for every position the request can reach, rounded up to a power of two),
+then one position per step in a `tf.while_loop` over fixed-shape tensors (the token buffer, the cache, the last
+logits), so the graph never grows a tensor. Each step scatters its own position into the cache and attends over
+the filled prefix, cut to a power of two, so its attention costs what the positions so far cost, not the
+context. A sequence stops at `end_token`, after `max_new_tokens` or at the model's context, whichever comes
+first; sampling is stateless, seeded by `seed` and the position, so the same inputs draw the same tokens in any
+process.
 
 Each model family plugs in a `Decoder`: a preallocated cache and a `decode` that runs new positions into it
 (`kerasbig.models.gpt`). `RECOMPUTE` runs the whole model on the prefix at every step instead: the slow
@@ -129,7 +131,9 @@ def generate_tokens(model: keras.Model, decoder: Decoder, tokens, lengths, max_n
                                                 top_p, context)):
         tokens = tf.identity(tokens)
     batch, prompt = tf.shape(tokens)[0], tf.shape(tokens)[1]
-    length = context or prompt + max_new_tokens  # the buffer and cache hold every position that can be reached
+    # The buffer and cache hold every position the request can reach, rounded up to a power of two (few shapes).
+    length = gpt.power_of_two_at_least(prompt + tf.maximum(max_new_tokens, 0))
+    length = tf.minimum(length, context) if context else length
     buffer = tf.pad(tokens, [[0, 0], [0, length - prompt]])
     stop = tf.minimum(length, tf.reduce_max(lengths) + max_new_tokens)
     # Padding is on the right, so no prompt position sees it; positions past the shortest prompt are rewritten

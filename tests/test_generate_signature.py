@@ -3,13 +3,17 @@ exported (merged), its graphs' ops all ones TF Serving registers, served by `ker
 with the tokens that `kerasbig.generate` prints for the same seed; bad requests are refused."""
 import json
 
+import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import kerasbig
 from serving_helpers import call, running_server
 
-from kerasbig import export
+from kerasbig import export, generation
 from kerasbig.data import text
+from kerasbig.data.spec import DataSpec
+from kerasbig.models.gpt import build_gpt
 
 TINY = ["--config=configs/gpt_small.py", "--config.model.width=32", "--config.model.depth=2",
         "--config.model.dropout=0.0", "--config.data.seq_len=32", "--config.data.batch_size=8",
@@ -23,6 +27,26 @@ def test_unservable_ops_are_named():
     # A TF Text op (registered only by tensorflow_text's library) and an XLA-only op.
     assert export.unservable_ops({"MatMul", "FastWordpieceTokenizeWithOffsets", "XlaDynamicUpdateSlice"}) == [
         "FastWordpieceTokenizeWithOffsets", "XlaDynamicUpdateSlice"]
+
+
+def test_generate_text_spells_the_tokens_of_its_utf8_prompts():
+    keras.utils.set_random_seed(0)
+    model = build_gpt(DataSpec("language_model", "tokens", (32,), "int32", text.BYTE_VOCAB), width=16, depth=1,
+                      heads=2)
+    embeddings = model.get_layer("token_embedding").embeddings  # the head too: mostly ASCII bytes are drawn
+    embeddings.assign(np.where(np.arange(text.BYTE_VOCAB)[:, None] < 128, 10 * embeddings.numpy(), 0.0))
+    settings = {"max_new_tokens": 6, "temperature": 1.0, "top_k": 8, "top_p": 1.0, "seed": 3, "end_token": -1}
+    signature = generation.text_signature(model)
+    specs = signature.input_signature[0]
+    for prompt in ("Grüße, ", "日本"):  # one at a time: a sampled row's draws depend on its place in the batch
+        out = signature({"text": tf.constant([prompt]), **{
+            name: tf.constant(value, specs[name].dtype) for name, value in settings.items()}})
+        alone = generation.generate(model, text.encode(prompt), 6, temperature=1.0, top_k=8, seed=3)
+        assert out["count"].numpy().tolist() == [6]
+        assert out["tokens"].numpy()[0].tolist() == alone  # the prompt read as its UTF-8 bytes
+        generated = out["text"].numpy()[0].decode()
+        assert generated == text.decode(alone)  # U+FFFD where a byte is not UTF-8
+        assert len(set(alone)) > 2
 
 
 def _request(prompts: list[list[int]], **settings) -> dict:

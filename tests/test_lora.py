@@ -78,15 +78,12 @@ TINY = ["--config=configs/gpt_small.py", "--config.model.width=32", "--config.mo
         "--config.data.max_tokens=40000", "--config.train.jit_compile=False", "--config.train.log_every_steps=5"]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.model.lora_rank=129", "lora_rank=129 is above the width of layer block_0/attn/out (32)"),
-    ("--config.model.lora_targets=nothing", "lora_targets='nothing' names no Dense layer"),
-])
-def test_bad_lora_config_exits_2_in_one_line_and_writes_nothing(tmp_path, override, message):
+def test_bad_lora_config_exits_2_in_one_line_and_writes_nothing(tmp_path):
+    # One bad setting through the command (the others' messages: test_bad_settings_are_refused, in process).
     workdir = tmp_path / "run"
-    extra = [] if "lora_rank" in override else ["--config.model.lora_rank=4"]
-    result = kerasbig("train", *TINY, override, *extra, f"--workdir={workdir}", f"--export_dir={tmp_path / 'm'}",
-                      check=False)
+    result = kerasbig("train", *TINY, "--config.model.lora_rank=129", f"--workdir={workdir}",
+                      f"--export_dir={tmp_path / 'm'}", check=False)
+    message = "lora_rank=129 is above the width of layer block_0/attn/out (32)"
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not workdir.exists() and not (tmp_path / "m").exists()
@@ -130,10 +127,11 @@ def test_killed_lora_run_resumes_exactly_and_exports_merged(tmp_path):
 
     kerasbig("train", *args, "--mode=export", "--config.export.quantize=int8", f"--workdir={resumed}",
              f"--export_dir={saved / 'lora'}")
-    script = ("import sys, tensorflow as tf; print(sorted({v.name.split(':')[0].split('/')[-1] "
-              "for v in tf.saved_model.load(sys.argv[1]).variables}))")
-    for version in ("1", "2"):
-        names = subprocess.run([sys.executable, "-c", script, str(saved / "lora" / version)], capture_output=True,
-                               text=True, check=True).stdout.strip().splitlines()[-1]
+    script = ("import sys, tensorflow as tf\nfor path in sys.argv[1:]: print(sorted({v.name.split(':')[0]"
+              ".split('/')[-1] for v in tf.saved_model.load(path).variables}))")
+    versions = [str(saved / "lora" / version) for version in ("1", "2")]  # float and int8, in one fresh process
+    printed = subprocess.run([sys.executable, "-c", script, *versions], capture_output=True, text=True,
+                             check=True).stdout.strip().splitlines()[-2:]
+    for names in printed:
         assert "kernel" in names and "lora" not in names, names
     assert json.loads((saved / "lora" / "2" / "assets.extra" / "kerasbig.json").read_text())["quantization"] == "int8"

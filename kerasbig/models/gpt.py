@@ -75,9 +75,8 @@ class CausalSelfAttention(keras.layers.Layer):
         each query sees the cached positions up to its own. Returns (output, cache)."""
         q, k, v = self._heads(x)
         keys, values = (write_positions(cached, new, index) for cached, new in zip(cache, (k, v)))
-        new, total = ops.shape(q)[1], ops.shape(keys)[1]
-        mask = ops.arange(total)[None, :] <= (index + ops.arange(new))[:, None]
-        return self._merge(ops.dot_product_attention(q, keys, values, mask=mask)), (keys, values)
+        attended_keys, attended_values, mask = attended_prefix(keys, values, index, ops.shape(q)[1])
+        return self._merge(ops.dot_product_attention(q, attended_keys, attended_values, mask=mask)), (keys, values)
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "dropout": self.dropout,
@@ -85,13 +84,28 @@ class CausalSelfAttention(keras.layers.Layer):
 
 
 def write_positions(cache, new, index):
-    """`cache` [batch, length, ...] with positions `index`... replaced by `new` [batch, n, ...]: a gather and a
-    select, ops that every TensorFlow runtime registers (Keras's `slice_update` is an XLA-only op there)."""
-    positions = ops.arange(ops.shape(cache)[1])
-    offset = positions - index
-    placed = ops.take(new, ops.clip(offset, 0, ops.shape(new)[1] - 1), axis=1)
-    inside = (offset >= 0) & (offset < ops.shape(new)[1])
-    return ops.where(ops.reshape(inside, (1, -1) + (1,) * (len(cache.shape) - 2)), placed, cache)
+    """`cache` [batch, length, ...] with positions `index`... replaced by `new` [batch, n, ...]: a scatter of the
+    new positions only (Keras's `slice_update` is an XLA-only op in TensorFlow, so not servable)."""
+    batch, count = ops.shape(new)[0], ops.shape(new)[1]
+    rows = ops.broadcast_to(ops.arange(batch)[:, None], (batch, count))
+    positions = ops.broadcast_to((index + ops.arange(count))[None, :], (batch, count))
+    return ops.scatter_update(cache, ops.stack([rows, positions], axis=-1), ops.cast(new, cache.dtype))
+
+
+def power_of_two_at_least(n):
+    """The smallest power of two >= `n` (an int32 tensor >= 1): the sizes generation buckets its shapes into,
+    so a compiled graph sees few distinct ones."""
+    powers = ops.convert_to_tensor([2 ** i for i in range(31)], "int32")
+    return ops.take(powers, ops.searchsorted(powers, ops.reshape(ops.cast(n, "int32"), (1,)), side="left")[0])
+
+
+def attended_prefix(keys, values, index, new):
+    """The cached keys and values that queries at `index`...`index + new - 1` can see, cut to the power of two
+    above the last of them (so a step attends over the filled part of the cache, not its whole preallocated
+    length), and the causal mask over that prefix."""
+    span = ops.minimum(power_of_two_at_least(index + new), ops.shape(keys)[1])
+    mask = ops.arange(span)[None, :] <= (index + ops.arange(new))[:, None]
+    return keys[:, :span], values[:, :span], mask
 
 
 @keras.saving.register_keras_serializable(package="kerasbig")

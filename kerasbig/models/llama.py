@@ -14,7 +14,10 @@ Written with `keras.layers`/`keras.ops` only, with the same stable layer names a
 """
 from __future__ import annotations
 
+import math
+
 import keras
+import numpy as np
 from keras import ops
 
 from kerasbig.data.spec import DataSpec
@@ -29,11 +32,29 @@ def _dense(units: int, name: str) -> keras.layers.Dense:
                               name=name)
 
 
-def rotate(x, start, theta: float):
+SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rotary_frequencies(head_width: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """The angle per position of each rotary pair i: theta^(-2i / head_width). Llama 3.1's `scaling`
+    (SCALING_KEYS, Hugging Face's `rope_type: llama3`) stretches the context: pairs whose wavelength exceeds
+    original_max_position_embeddings / low_freq_factor turn `factor` times slower, those shorter than
+    original_max_position_embeddings / high_freq_factor keep their speed, and those between blend the two."""
+    half = head_width // 2
+    frequencies = 1.0 / theta ** (np.arange(half, dtype=np.float64) / half)
+    if scaling:
+        factor, low, high, original = (float(scaling[key]) for key in SCALING_KEYS)
+        wavelengths = 2 * math.pi / frequencies
+        blend = np.clip((original / wavelengths - low) / (high - low), 0.0, 1.0)  # 0 at the long end, 1 short
+        frequencies = (1 - blend) * frequencies / factor + blend * frequencies
+    return frequencies.astype(np.float32)
+
+
+def rotate(x, start, frequencies: np.ndarray):
     """Rotary position embedding of [batch, length, heads, head_width] at positions start, start + 1, ...:
-    each pair (i, i + head_width / 2) turns by position * theta^(-2i / head_width)."""
+    each pair (i, i + head_width / 2) turns by position * frequencies[i] (`rotary_frequencies`)."""
     half = x.shape[-1] // 2
-    inverse = 1.0 / theta ** (ops.arange(0, half, dtype="float32") / half)
+    inverse = ops.convert_to_tensor(frequencies, "float32")
     positions = ops.cast(ops.arange(ops.shape(x)[1]) + start, "float32")
     angles = ops.concatenate([positions[:, None] * inverse[None, :]] * 2, axis=-1)[None, :, None, :]
     cos, sin = ops.cast(ops.cos(angles), x.dtype), ops.cast(ops.sin(angles), x.dtype)
@@ -45,14 +66,15 @@ def rotate(x, start, theta: float):
 class LlamaAttention(keras.layers.Layer):
     """Causal grouped-query self-attention with rotary positions; `call_with_cache` as in `gpt`."""
 
-    def __init__(self, width: int, heads: int, kv_heads: int, *, rope_theta: float = 10000.0, context: int = 0,
-                 **kwargs):
+    def __init__(self, width: int, heads: int, kv_heads: int, *, rope_theta: float = 10000.0,
+                 rope_scaling: dict | None = None, context: int = 0, **kwargs):
         """`context`: the most positions the model attends over (rotary positions have no table to bound
-        them; generation stops there)."""
+        them; generation stops there); `rope_scaling`: Llama 3.1's (see `rotary_frequencies`)."""
         super().__init__(**kwargs)
         self.width, self.heads, self.kv_heads, self.rope_theta = width, heads, kv_heads, rope_theta
-        self.context = context
+        self.rope_scaling, self.context = rope_scaling, context
         self.head_width = width // heads
+        self.frequencies = rotary_frequencies(self.head_width, rope_theta, rope_scaling)
         self.query = _dense(width, "query")
         self.key = _dense(kv_heads * self.head_width, "key")
         self.value = _dense(kv_heads * self.head_width, "value")
@@ -67,7 +89,7 @@ class LlamaAttention(keras.layers.Layer):
         q = ops.reshape(self.query(x), (batch, length, self.heads, self.head_width))
         k = ops.reshape(self.key(x), (batch, length, self.kv_heads, self.head_width))
         v = ops.reshape(self.value(x), (batch, length, self.kv_heads, self.head_width))
-        return rotate(q, start, self.rope_theta), rotate(k, start, self.rope_theta), v
+        return rotate(q, start, self.frequencies), rotate(k, start, self.frequencies), v
 
     def _attend(self, q, k, v, mask=None, is_causal=False):
         groups = self.heads // self.kv_heads  # key/value head j serves query heads j * groups ... (j + 1) * groups - 1
@@ -82,13 +104,12 @@ class LlamaAttention(keras.layers.Layer):
         """`gpt.CausalSelfAttention.call_with_cache` with rotary positions: the cached keys are rotated already."""
         q, k, v = self._projections(x, index)
         keys, values = (gpt.write_positions(cached, new, index) for cached, new in zip(cache, (k, v)))
-        new, total = ops.shape(q)[1], ops.shape(keys)[1]
-        mask = ops.arange(total)[None, :] <= (index + ops.arange(new))[:, None]
-        return self._attend(q, keys, values, mask=mask), (keys, values)
+        attended_keys, attended_values, mask = gpt.attended_prefix(keys, values, index, ops.shape(q)[1])
+        return self._attend(q, attended_keys, attended_values, mask=mask), (keys, values)
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "kv_heads": self.kv_heads,
-                "rope_theta": self.rope_theta, "context": self.context}
+                "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling, "context": self.context}
 
 
 @keras.saving.register_keras_serializable(package="kerasbig")
@@ -96,12 +117,15 @@ class LlamaBlock(keras.layers.Layer):
     """x + attention(attn_norm(x)), then x + down(silu(gate(h)) * up(h)) with h = mlp_norm(x)."""
 
     def __init__(self, width: int, heads: int, kv_heads: int, hidden: int, *, norm_epsilon: float = 1e-6,
-                 rope_theta: float = 10000.0, dropout: float = 0.0, context: int = 0, **kwargs):
+                 rope_theta: float = 10000.0, rope_scaling: dict | None = None, dropout: float = 0.0,
+                 context: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.width, self.heads, self.kv_heads, self.hidden = width, heads, kv_heads, hidden
         self.norm_epsilon, self.rope_theta, self.dropout, self.context = norm_epsilon, rope_theta, dropout, context
+        self.rope_scaling = rope_scaling
         self.attn_norm = keras.layers.RMSNormalization(epsilon=norm_epsilon, name="attn_norm")
-        self.attn = LlamaAttention(width, heads, kv_heads, rope_theta=rope_theta, context=context, name="attn")
+        self.attn = LlamaAttention(width, heads, kv_heads, rope_theta=rope_theta, rope_scaling=rope_scaling,
+                                   context=context, name="attn")
         self.mlp_norm = keras.layers.RMSNormalization(epsilon=norm_epsilon, name="mlp_norm")
         self.gate, self.up, self.down = _dense(hidden, "gate"), _dense(hidden, "up"), _dense(width, "down")
         self.residual_dropout = keras.layers.Dropout(dropout)
@@ -127,15 +151,17 @@ class LlamaBlock(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "kv_heads": self.kv_heads,
                 "hidden": self.hidden, "norm_epsilon": self.norm_epsilon, "rope_theta": self.rope_theta,
-                "dropout": self.dropout, "context": self.context}
+                "rope_scaling": self.rope_scaling, "dropout": self.dropout, "context": self.context}
 
 
 def build_llama(spec: DataSpec, *, width: int = 4096, depth: int = 32, heads: int = 32, kv_heads: int = 0,
                 hidden: int = 11008, vocab_size: int = 0, context: int = 0, norm_epsilon: float = 1e-6,
-                rope_theta: float = 10000.0, tie_embeddings: bool = False, dropout: float = 0.0) -> keras.Model:
+                rope_theta: float = 10000.0, rope_scaling: dict | None = None, tie_embeddings: bool = False,
+                dropout: float = 0.0) -> keras.Model:
     """A Llama over `vocab_size` tokens (0: the data's) attending over up to `context` positions (0: the data's
-    seq_len); `kv_heads` key/value heads (0: one per query head), an MLP of `hidden` units. The defaults are
-    Llama 2 7B's shape.
+    seq_len); `kv_heads` key/value heads (0: one per query head), an MLP of `hidden` units; `rope_scaling`
+    Llama 3.1's scaled rotary positions (`rotary_frequencies`; None: unscaled). The defaults are Llama 2 7B's
+    shape.
 
     >>> from kerasbig.data.spec import DataSpec
     >>> spec = DataSpec("language_model", "tokens", (16,), "int32", 64)
@@ -158,7 +184,8 @@ def build_llama(spec: DataSpec, *, width: int = 4096, depth: int = 32, heads: in
     x = embedding(tokens)
     for i in range(depth):
         x = LlamaBlock(width, heads, kv_heads, hidden, norm_epsilon=norm_epsilon, rope_theta=rope_theta,
-                       dropout=dropout, context=context or spec.seq_len, name=f"block_{i}")(x)
+                       rope_scaling=rope_scaling, dropout=dropout, context=context or spec.seq_len,
+                       name=f"block_{i}")(x)
     x = keras.layers.RMSNormalization(epsilon=norm_epsilon, name="ln_f")(x)
     logits = keras.layers.Activation("linear", dtype="float32", name="logits")(embedding(x, reverse=True))
     return keras.Model(tokens, logits, name="llama")

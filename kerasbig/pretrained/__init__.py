@@ -83,6 +83,7 @@ def _keras_file_model(path: pathlib.Path) -> tuple[str, dict]:
                        "context": by_name["position_embedding"]["config"]["max_length"]}
     return "llama", {**common, "kv_heads": block["kv_heads"], "hidden": block["hidden"],
                      "norm_epsilon": block["norm_epsilon"], "rope_theta": block["rope_theta"],
+                     "rope_scaling": block.get("rope_scaling"),
                      "tie_embeddings": embedding["tie_weights"], "context": block.get("context", 0)}
 
 

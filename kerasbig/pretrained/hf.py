@@ -13,6 +13,7 @@ import pathlib
 import numpy as np
 
 from kerasbig.errors import UsageError
+from kerasbig.models import llama
 
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 FAMILIES = ("gpt2", "llama")
@@ -53,8 +54,12 @@ def hyperparameters(folder: pathlib.Path, config: dict) -> tuple[str, dict]:
     _require(folder, config, "attention_bias", [False], "Llama has no attention biases")
     _require(folder, config, "mlp_bias", [False], "Llama has no MLP biases")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    _require(folder, {"rope_type": rope.get("rope_type", "default")}, "rope_type", ["default"],
-             "only unscaled rotary positions")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    _require(folder, {"rope_type": rope_type}, "rope_type", ["default", "llama3"],
+             "unscaled rotary positions or Llama 3.1's")
+    missing = [key for key in llama.SCALING_KEYS if key not in rope] if rope_type == "llama3" else []
+    if missing:
+        raise UsageError(f"config.model.init_from={folder}: rope_type 'llama3' needs {missing} in config.json")
     width, heads = config["hidden_size"], config["num_attention_heads"]
     if config.get("head_dim", width // heads) != width // heads:
         raise UsageError(f"config.model.init_from={folder}: head_dim={config['head_dim']} is not hidden_size / "
@@ -64,6 +69,8 @@ def hyperparameters(folder: pathlib.Path, config: dict) -> tuple[str, dict]:
                          vocab_size=config["vocab_size"], context=config["max_position_embeddings"],
                          norm_epsilon=config.get("rms_norm_eps", 1e-6),
                          rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+                         rope_scaling=({key: rope[key] for key in llama.SCALING_KEYS} if rope_type == "llama3"
+                                       else None),
                          tie_embeddings=bool(config.get("tie_word_embeddings", False)))
 
 
@@ -147,14 +154,15 @@ def checkpoint_config(name: str, hyper: dict, *, vocab: int, context: int, end_t
                 "activation_function": "gelu_new" if hyper["activation"] == "gelu_tanh" else "gelu",
                 "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True, **tokens}
     if name == "llama":
-        theta = hyper["rope_theta"]
+        theta, scaling = hyper["rope_theta"], hyper["rope_scaling"]
+        rope = {"rope_type": "llama3", **scaling} if scaling else {"rope_type": "default"}
         return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
                 "hidden_size": hyper["width"], "intermediate_size": hyper["hidden"],
                 "num_hidden_layers": hyper["depth"], "num_attention_heads": hyper["heads"],
                 "num_key_value_heads": hyper["kv_heads"] or hyper["heads"], "max_position_embeddings": context,
                 "rms_norm_eps": hyper["norm_epsilon"], "hidden_act": "silu", "attention_bias": False,
                 "mlp_bias": False, "tie_word_embeddings": hyper["tie_embeddings"],
-                "rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta}, **tokens}
+                "rope_theta": theta, "rope_parameters": {**rope, "rope_theta": theta}, **tokens}
     raise UsageError(f"--export_format=hf writes gpt and llama models; this run trained {name!r}")
 
 

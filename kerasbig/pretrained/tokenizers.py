@@ -1,6 +1,7 @@
 """A checkpoint's own tokenizer, read from its folder: SentencePiece `tokenizer.model` (Llama) or GPT-2's byte-level
-BPE (`vocab.json` + `merges.txt`, or `tokenizer.json`). Token ids equal those of the `transformers` tokenizer
-called with `add_special_tokens=False` (tests/fixtures hold its ids of prose, code and non-ASCII text).
+BPE (`vocab.json` + `merges.txt`, or `tokenizer.json`, or a keras-hub preset's `assets/tokenizer/`). Token ids
+equal those of the `transformers` tokenizer called with `add_special_tokens=False` (tests/fixtures hold its ids of
+prose, code and non-ASCII text).
 
 Clients tokenize too: `files` are what the run keeps in its workdir and the export in `assets.extra/`.
 """
@@ -18,6 +19,7 @@ from kerasbig.errors import UsageError
 # GPT-2's pre-tokenizer: contractions, letter runs, digit runs, other symbols, each with one leading space.
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt")
+KERAS_HUB_ASSETS = pathlib.Path("assets") / "tokenizer"  # a keras-hub preset's GPT-2 vocabulary.json, merges.txt
 
 
 @functools.lru_cache(maxsize=1)
@@ -95,11 +97,13 @@ def _bpe_from_tokenizer_json(path: pathlib.Path) -> ByteLevelBPE:
     return ByteLevelBPE(vocab, merges, {"tokenizer.json": path.read_bytes()})
 
 
-def _bpe_from_vocab_and_merges(folder: pathlib.Path) -> ByteLevelBPE:
-    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split(" ", 1)) for line in lines if line and not line.startswith("#version")]
-    files = {name: (folder / name).read_bytes() for name in ("vocab.json", "merges.txt")}
-    return ByteLevelBPE(json.loads(files["vocab.json"]), merges, files)
+def _bpe_from_vocab_and_merges(vocab: pathlib.Path, merges: pathlib.Path) -> ByteLevelBPE:
+    """GPT-2's two files, kept under Hugging Face's names whatever they were called, so a workdir or an export
+    reads back the same way."""
+    files = {"vocab.json": vocab.read_bytes(), "merges.txt": merges.read_bytes()}
+    lines = files["merges.txt"].decode("utf-8").splitlines()
+    pairs = [tuple(line.split(" ", 1)) for line in lines if line and not line.startswith("#version")]
+    return ByteLevelBPE(json.loads(files["vocab.json"]), pairs, files)
 
 
 def load(folder: pathlib.Path):
@@ -108,7 +112,10 @@ def load(folder: pathlib.Path):
         if (folder / "tokenizer.model").is_file():
             return PieceTokenizer((folder / "tokenizer.model").read_bytes())
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            return _bpe_from_vocab_and_merges(folder)
+            return _bpe_from_vocab_and_merges(folder / "vocab.json", folder / "merges.txt")
+        assets = folder / KERAS_HUB_ASSETS  # before tokenizer.json, which in a keras-hub preset is its config
+        if (assets / "vocabulary.json").is_file() and (assets / "merges.txt").is_file():
+            return _bpe_from_vocab_and_merges(assets / "vocabulary.json", assets / "merges.txt")
         if (folder / "tokenizer.json").is_file():
             return _bpe_from_tokenizer_json(folder / "tokenizer.json")
     except (OSError, ValueError, KeyError, RuntimeError) as error:  # sentencepiece raises RuntimeError
