@@ -18,6 +18,8 @@ times steps per second.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.metadata
 import os
 import pathlib
 import platform
@@ -27,11 +29,9 @@ import tempfile
 import time
 
 import numpy as np
-import tensorflow as tf
 from absl import flags, logging
 
-from kerasbig import bench_gpu, bench_loop, cli
-from kerasbig.compress import bench as compression
+from kerasbig import bench_gpu, cli, summaries
 from kerasbig.errors import RunError, UsageError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -65,20 +65,10 @@ def define_flags() -> None:
                       "cache; lora: LoRA against full fine-tuning; compression: size, accuracy and served latency "
                       "of pruned and quantized versions; gpu: kerasbig's JAX loop at GPT-2-small shape beside the "
                       "PyTorch anchor; checkpoint: how long a checkpoint holds training up.")
-    flags.DEFINE_list("cases", None, f"Cases to run (default all): train {', '.join(CASES)}; cpu "
-                      f"{', '.join(bench_loop.LOOP_CASES)}; compression {', '.join(compression.MODELS)}; gpu: batch "
-                      f"sizes ({', '.join(bench_gpu.BATCHES)}).")
+    flags.DEFINE_list("cases", None, f"Cases to run (default all): train {', '.join(CASES)}; gpu: batch sizes "
+                      f"({', '.join(bench_gpu.BATCHES)}); an unknown case lists the suite's cases.")
     flags.DEFINE_integer("repeats", 3, "cpu suite: interleaved repeats of each variant.", lower_bound=1)
     flags.DEFINE_string("output", "", "Also write the table, with the machine's description, to this Markdown file.")
-
-
-def _last_scalars(logdir: pathlib.Path, tags: tuple[str, ...]) -> dict[str, float]:
-    values = {}
-    for record in tf.data.TFRecordDataset(sorted(str(p) for p in logdir.glob("events.out.tfevents.*"))):
-        for value in tf.compat.v1.Event.FromString(record.numpy()).summary.value:
-            if value.tag in tags:
-                values[value.tag] = float(tf.make_ndarray(value.tensor))
-    return values
 
 
 def run_case(case: Case) -> dict:
@@ -92,7 +82,7 @@ def run_case(case: Case) -> dict:
         seconds = time.perf_counter() - start
         if os.waitstatus_to_exitcode(status):
             raise RunError(f"{case.name}: training failed: {process.stderr.read().strip().splitlines()[-1:]}")
-        rates = _last_scalars(pathlib.Path(workdir) / "train", ("examples_per_sec", "tokens_per_sec", "tflops_per_sec"))
+        rates = summaries.last_scalars(pathlib.Path(workdir) / "train")
     return {"case": case.name, "examples/s": rates["examples_per_sec"], "tokens/s": rates.get("tokens_per_sec"),
             "GFLOP/s": rates["tflops_per_sec"] * 1e3, "peak RSS (GiB)": usage.ru_maxrss / 2**20,
             "wall (s)": seconds, "steps": case.steps}
@@ -230,6 +220,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _suite_module(name: str):
+    """The module of a suite that needs TensorFlow, imported only when it runs (the gpu suite runs without it)."""
+    return importlib.import_module({"cpu": "kerasbig.bench_loop", "checkpoint": "kerasbig.bench_loop",
+                                    "compression": "kerasbig.compress.bench"}[name])
+
+
 def main() -> None:
     logging.set_verbosity(logging.WARNING)  # as in training: TensorFlow's info lines are not the figures
     if FLAGS.suite == "gpu":
@@ -237,11 +233,14 @@ def main() -> None:
         if unknown:
             raise UsageError(f"--cases: {unknown} are not batch sizes; the gpu suite takes e.g. --cases=16,32")
     else:
-        known = {"cpu": bench_loop.LOOP_CASES, "compression": compression.MODELS}.get(FLAGS.suite, CASES)
+        known = {"cpu": lambda: _suite_module("cpu").LOOP_CASES,
+                 "compression": lambda: _suite_module("compression").MODELS}.get(FLAGS.suite, lambda: CASES)()
         unknown = sorted(set(FLAGS.cases or []) - set(known))
         if unknown:
             raise UsageError(f"--cases: unknown {unknown}; choose from {list(known)}")
     if FLAGS.suite == "compression":
+        compression = _suite_module("compression")
+
         def markdown(tables: dict) -> str:
             return "\n\n".join(f"### {name}\n\n{table(rows)}" for name, rows in tables.items())
 
@@ -260,9 +259,10 @@ def main() -> None:
     elif FLAGS.suite == "lora":
         rows = lora_rows()
     elif FLAGS.suite == "cpu":
-        rows = bench_loop.suite(FLAGS.cases or list(bench_loop.LOOP_CASES), repeats=FLAGS.repeats)
+        loop = _suite_module("cpu")
+        rows = loop.suite(FLAGS.cases or list(loop.LOOP_CASES), repeats=FLAGS.repeats)
     elif FLAGS.suite == "checkpoint":
-        rows = bench_loop.checkpoint_rows()
+        rows = _suite_module("checkpoint").checkpoint_rows()
     else:
         rows = []
         for name in FLAGS.cases or list(CASES):
@@ -276,7 +276,13 @@ def main() -> None:
 
 def machine() -> str:
     """The machine the figures come from; the gpu suite's with its device and the date."""
-    described = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, "
+    installed = []
+    for package in ("tensorflow", "jax"):
+        try:
+            installed.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    described = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {', '.join(installed)}, "
                  f"Python {platform.python_version()}")
     if FLAGS.suite == "gpu":
         described += f"; {bench_gpu.device()}; {time.strftime('%Y-%m-%d')}"

@@ -21,9 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-from tensorboard.util import tensor_util
-
+from kerasbig import summaries
 from kerasbig.errors import RunError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -62,7 +60,10 @@ def kerasbig_row(batch: int, size: dict[str, int]) -> dict:
         if result.returncode:
             raise RunError(f"kerasbig on JAX at batch {batch} failed: {result.stderr.strip().splitlines()[-1:]}")
         logs = pathlib.Path(workdir) / "train"
-        tokens_per_second, tflops = (last_scalar(logs, tag) for tag in ("tokens_per_sec", "tflops_per_sec"))
+        logged = summaries.last_scalars(logs)
+        if "tokens_per_sec" not in logged:
+            raise RunError(f"the run logged no tokens_per_sec in {logs}; train for more steps (STEPS)")
+        tokens_per_second, tflops = logged["tokens_per_sec"], logged["tflops_per_sec"]
     return {"implementation": "kerasbig, JAX loop", "batch": batch, "tokens/s": tokens_per_second,
             "MFU (%)": 100 * tflops * 1e12 / peak_flops(), "note": ""}
 
@@ -79,19 +80,6 @@ def anchor_row(batch: int, size: dict[str, int]) -> dict:
     tokens_per_second = float(found.group(2).replace(",", ""))
     return {"implementation": f"PyTorch, {found.group(1)}", "batch": batch, "tokens/s": tokens_per_second,
             "MFU (%)": float(found.group(3)), "note": ""}
-
-
-def last_scalar(logdir: pathlib.Path, tag: str) -> float:
-    """The last value of scalar `tag` in a TensorBoard run folder, read without TensorFlow."""
-    value = None
-    for path in sorted(logdir.glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for summary in event.summary.value:
-                if summary.tag == tag:
-                    value = float(tensor_util.make_ndarray(summary.tensor))
-    if value is None:
-        raise RunError(f"the run logged no {tag} in {logdir}; train for more steps (STEPS)")
-    return value
 
 
 def device() -> str:

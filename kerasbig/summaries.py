@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import pathlib
 import socket
 import struct
 import time
 import zlib
 
 import numpy as np
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.image import metadata as image_metadata
 from tensorboard.plugins.scalar.summary_v2 import scalar_pb
@@ -83,6 +85,25 @@ class SummaryWriter:
 
     def _write(self, event: event_pb2.Event) -> None:
         self._records.write(event.SerializeToString())
+
+
+def last_scalars(log_dir: str | os.PathLike) -> dict[str, float]:
+    """{tag: last value} of the scalars in a run folder's event files (any writer's), read without TensorFlow.
+
+    >>> import tempfile
+    >>> log_dir = tempfile.mkdtemp()
+    >>> with SummaryWriter(log_dir) as writer:
+    ...     writer.scalar("loss", 0.5, step=3); writer.scalar("loss", 0.25, step=4); writer.text("note", "hi", step=4)
+    >>> last_scalars(log_dir)
+    {'loss': 0.25}
+    """
+    values = {}
+    for path in sorted(pathlib.Path(log_dir).glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    values[value.tag] = float(tensor_util.make_ndarray(value.tensor).reshape(-1)[0])
+    return values
 
 
 def encode_png(image: np.ndarray) -> bytes:
