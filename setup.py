@@ -38,8 +38,9 @@ setup(
         "profile": ["tensorboard-plugin-profile>=2.15"],
         # The JAX backend (keras.distribution data and model parallel); 0.4.34 is the oldest jax keras 3.10 runs on.
         "jax": ["jax>=0.4.34,<0.11"],
-        # keras-hub's generate beside kerasbig's in `bench --suite=generation`. keras-hub's own dependencies
-        # (tensorflow-text) would replace the installed tensorflow: install it with `pip install --no-deps`.
+        # keras-hub's generate beside kerasbig's in `bench --suite=generation`. Its tensorflow-text 2.21 matches the
+        # base tensorflow wheel, so `pip install kerasbig[hub]` keeps the installed TensorFlow (checked with pip's
+        # --dry-run: it adds tensorflow-text, tokenizers and huggingface_hub, and replaces nothing).
         "hub": ["keras-hub>=0.32,<0.33"],
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "pytest-timeout>=2.3,<3", "jax>=0.4.34,<0.11"],
     },
