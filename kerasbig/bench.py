@@ -66,7 +66,7 @@ def define_flags() -> None:
                       "of pruned and quantized versions; gpu: kerasbig's JAX loop at GPT-2-small shape beside the "
                       "PyTorch anchor; checkpoint: how long a checkpoint holds training up.")
     flags.DEFINE_list("cases", None, f"Cases to run (default all): train {', '.join(CASES)}; gpu: batch sizes "
-                      f"({', '.join(bench_gpu.BATCHES)}); an unknown case lists the suite's cases.")
+                      f"({', '.join(bench_gpu.BATCHES)}) or largest; an unknown case lists the suite's cases.")
     flags.DEFINE_integer("repeats", 3, "cpu suite: interleaved repeats of each variant.", lower_bound=1)
     flags.DEFINE_string("output", "", "Also write the table, with the machine's description, to this Markdown file.")
 
@@ -229,9 +229,10 @@ def _suite_module(name: str):
 def main() -> None:
     logging.set_verbosity(logging.WARNING)  # as in training: TensorFlow's info lines are not the figures
     if FLAGS.suite == "gpu":
-        unknown = [case for case in FLAGS.cases or [] if not case.isdigit()]
+        unknown = [case for case in FLAGS.cases or [] if not case.isdigit() and case != "largest"]
         if unknown:
-            raise UsageError(f"--cases: {unknown} are not batch sizes; the gpu suite takes e.g. --cases=16,32")
+            raise UsageError(f"--cases: {unknown} are neither batch sizes nor `largest`; the gpu suite takes e.g. "
+                             "--cases=16,32,largest")
     else:
         known = {"cpu": lambda: _suite_module("cpu").LOOP_CASES,
                  "compression": lambda: _suite_module("compression").MODELS}.get(FLAGS.suite, lambda: CASES)()

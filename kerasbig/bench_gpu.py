@@ -10,7 +10,11 @@ TensorBoard (the first, compiling execution excluded), its FLOPs those of `--mod
 an H100's or H200's dense bf16 peak).
 
     python -m kerasbig.bench --suite=gpu                 # batches 16 and 32
+    python -m kerasbig.bench --suite=gpu --cases=largest # the largest GPT that trains on the device
     L=2 H=2 D=64 T=64 STEPS=6 python -m kerasbig.bench --suite=gpu --cases=4   # a tiny shape, e.g. on CPU
+
+`largest` climbs GPT-2's sizes and GPT-3's 2.7B and 6.7B shapes at context T with bf16, rematerialized blocks and
+8 micro-batches of 1, until one runs out of device memory (LADDER_SHAPES="L,H,D;..." sets other shapes).
 """
 from __future__ import annotations
 
@@ -40,8 +44,10 @@ def peak_flops() -> float:
     return float(os.environ.get("PEAK_TFLOPS", 989.0)) * 1e12
 
 
-def kerasbig_row(batch: int, size: dict[str, int]) -> dict:
-    """kerasbig's JAX loop at this shape: tokens/s as its Throughput callback logged it."""
+def _train(size: dict[str, int], *, batch: int, accumulation: int = 1, remat: bool = False
+           ) -> subprocess.CompletedProcess | dict[str, float]:
+    """Trains a GPT of `size` through `python -m kerasbig.train --backend=jax` (bf16); what its run logged, or the
+    failed process."""
     steps = max(size["STEPS"], 4)
     with tempfile.TemporaryDirectory() as workdir:
         command = [sys.executable, "-m", "kerasbig.train", "--backend=jax", "--strategy=one_device",
@@ -49,23 +55,64 @@ def kerasbig_row(batch: int, size: dict[str, int]) -> dict:
                    "--mode=train", "--mixed_precision=mixed_bfloat16", f"--workdir={workdir}",
                    f"--config.model.depth={size['L']}", f"--config.model.heads={size['H']}",
                    f"--config.model.width={size['D']}", f"--config.model.vocab_size={VOCABULARY}",
-                   "--config.optimizer.accumulation_steps=1", f"--config.data.seq_len={size['T']}",
+                   f"--config.model.remat={remat}", f"--config.optimizer.accumulation_steps={accumulation}",
+                   f"--config.data.seq_len={size['T']}",
                    # Enough text for the steps, little to evaluate: the evaluations are not what is measured.
                    f"--config.data.max_tokens={max(200_000, 40 * batch * size['T'])}",
-                   f"--config.data.batch_size={batch}", f"--config.data.eval_batch_size={batch}",
+                   f"--config.data.batch_size={batch}", f"--config.data.eval_batch_size={batch // accumulation}",
                    f"--config.train.steps={steps}", f"--config.train.eval_every_steps={steps}",
                    "--config.train.steps_per_execution=1", f"--config.train.log_every_steps={max(1, steps // 4)}"]
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                                 env={**os.environ, "KERAS_BACKEND": "jax"})
         if result.returncode:
-            raise RunError(f"kerasbig on JAX at batch {batch} failed: {result.stderr.strip().splitlines()[-1:]}")
+            return result
         logs = pathlib.Path(workdir) / "train"
         logged = summaries.last_scalars(logs)
         if "tokens_per_sec" not in logged:
             raise RunError(f"the run logged no tokens_per_sec in {logs}; train for more steps (STEPS)")
-        tokens_per_second, tflops = logged["tokens_per_sec"], logged["tflops_per_sec"]
-    return {"implementation": "kerasbig, JAX loop", "batch": batch, "tokens/s": tokens_per_second,
-            "MFU (%)": 100 * tflops * 1e12 / peak_flops(), "note": ""}
+        return logged
+
+
+def kerasbig_row(batch: int, size: dict[str, int]) -> dict:
+    """kerasbig's JAX loop at this shape: tokens/s as its Throughput callback logged it."""
+    logged = _train(size, batch=batch)
+    if isinstance(logged, subprocess.CompletedProcess):
+        raise RunError(f"kerasbig on JAX at batch {batch} failed: {logged.stderr.strip().splitlines()[-1:]}")
+    return {"implementation": "kerasbig, JAX loop", "batch": batch, "tokens/s": logged["tokens_per_sec"],
+            "MFU (%)": 100 * logged["tflops_per_sec"] * 1e12 / peak_flops(), "note": ""}
+
+
+# GPT-2's four sizes, then GPT-3's 2.7B and 6.7B shapes (layers, heads, width): the ladder `largest_rows` climbs.
+LADDER = ((12, 12, 768), (24, 16, 1024), (36, 20, 1280), (48, 25, 1600), (32, 32, 2560), (32, 32, 4096))
+OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory")
+
+
+def ladder() -> list[tuple[int, int, int]]:
+    """The shapes to climb: LADDER, or LADDER_SHAPES="L,H,D;L,H,D" (e.g. tiny ones on CPU)."""
+    given = os.environ.get("LADDER_SHAPES")
+    return [tuple(map(int, shape.split(","))) for shape in given.split(";")] if given else list(LADDER)
+
+
+def largest_rows(size: dict[str, int], batch: int = 8, accumulation: int = 8) -> list[dict]:
+    """Climbs the ladder of GPT shapes at context T, with bf16, rematerialized blocks and micro-batches of
+    batch / accumulation, until one runs out of device memory: a row per shape that trained, and one for the first
+    that did not."""
+    rows = []
+    for layers, heads, width in ladder():
+        shaped = {**size, "L": layers, "H": heads, "D": width}
+        params = 12 * layers * width ** 2 + VOCABULARY * width  # about: the blocks' matrices and the tied embedding
+        label = f"largest: {layers} x {width} ({params / 1e9:.2f}B)"
+        logged = _train(shaped, batch=batch, accumulation=accumulation, remat=True)
+        if isinstance(logged, subprocess.CompletedProcess):
+            if not any(sign in logged.stderr for sign in OUT_OF_MEMORY):
+                raise RunError(f"{label} failed: {logged.stderr.strip().splitlines()[-1:]}")
+            rows.append({"implementation": label, "batch": batch, "tokens/s": None, "MFU (%)": None,
+                         "note": "out of device memory"})
+            break
+        rows.append({"implementation": label, "batch": batch, "tokens/s": logged["tokens_per_sec"],
+                     "MFU (%)": 100 * logged["tflops_per_sec"] * 1e12 / peak_flops(),
+                     "note": f"remat, {accumulation} micro-batches"})
+    return rows
 
 
 def anchor_row(batch: int, size: dict[str, int]) -> dict:
@@ -90,9 +137,11 @@ def device() -> str:
     return result.stdout.strip() or "unknown device"
 
 
-def suite(batches: list[str]) -> list[dict]:
+def suite(cases: list[str]) -> list[dict]:
+    """Batch sizes: kerasbig's row and the anchor's at each; `largest`: the ladder."""
     size = shape()
     rows = []
-    for batch in map(int, batches):
-        rows += [kerasbig_row(batch, size), anchor_row(batch, size)]
+    for case in cases:
+        rows += largest_rows(size) if case == "largest" else [kerasbig_row(int(case), size),
+                                                              anchor_row(int(case), size)]
     return rows

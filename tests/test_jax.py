@@ -246,13 +246,16 @@ def test_gpu_suite_runs_kerasbigs_jax_loop_beside_the_anchor_at_a_tiny_shape():
     """`bench --suite=gpu` trains through kerasbig's JAX loop and reports tokens/s and MFU, with TensorFlow not
     importable (the GPU machines have none); the PyTorch anchor gets its own row (here without torch: saying why it
     did not run)."""
-    tiny = {"L": "1", "H": "2", "D": "32", "T": "32", "STEPS": "8", "PEAK_TFLOPS": "1"}
-    result = kerasbig("bench", "--suite=gpu", "--cases=4", env={**WITHOUT_TF, **tiny})
+    tiny = {"L": "1", "H": "2", "D": "32", "T": "32", "STEPS": "8", "PEAK_TFLOPS": "1", "LADDER_SHAPES": "1,2,16"}
+    result = kerasbig("bench", "--suite=gpu", "--cases=4,largest", env={**WITHOUT_TF, **tiny})
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
     cells = {row[0].strip(): [cell.strip() for cell in row[1:]] for row in rows[1:]}
     batch, tokens_per_second, mfu, _ = cells["kerasbig, JAX loop"]
     assert batch == "4" and float(tokens_per_second.replace(",", "")) > 0 and float(mfu) > 0
     assert any(name.startswith("PyTorch") for name in cells)
+    # The ladder (here one tiny shape): bf16, rematerialized, 8 micro-batches of 1.
+    batch, tokens_per_second, mfu, note = cells["largest: 1 x 16 (0.00B)"]
+    assert batch == "8" and float(tokens_per_second.replace(",", "")) > 0 and note == "remat, 8 micro-batches"
 
 
 def test_a_tensorflow_dataset_on_jax_without_tensorflow_is_one_line_naming_the_install(tmp_path):
@@ -277,8 +280,9 @@ def test_early_stopping_stops_a_jax_run_at_the_expected_evaluation(tmp_path):
 
 @pytest.mark.slow
 def test_rematerialized_blocks_give_the_same_loss_and_gradients_in_less_planned_memory():
-    """config.model.remat=true recomputes each GPT block in the backward pass (jax.checkpoint under Keras's
-    RematScope): the same loss and gradients as holding the activations, and sizing plans fewer activations."""
+    """config.model.remat=true recomputes each GPT block in the backward pass (keras.remat: jax.checkpoint), in
+    training with dropout: the same loss and gradients as holding the activations, and sizing plans fewer
+    activations."""
     script = textwrap.dedent("""
         import jax, keras, numpy as np
         from kerasbig.data.spec import DataSpec
@@ -288,9 +292,10 @@ def test_rematerialized_blocks_give_the_same_loss_and_gradients_in_less_planned_
         results = []
         for remat in (False, True):
             keras.utils.set_random_seed(0)
-            model = gpt.build_gpt(spec, width=32, depth=2, heads=4, remat=remat)
+            model = gpt.build_gpt(spec, width=32, depth=2, heads=4, dropout=0.1, remat=remat)
+            non_trainable = [v.value for v in model.non_trainable_variables]  # the dropout seeds: same masks
             def loss(trainable):
-                logits, _ = model.stateless_call(trainable, model.non_trainable_variables, tokens[:, :-1])
+                logits, _ = model.stateless_call(trainable, non_trainable, tokens[:, :-1], training=True)
                 return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(tokens[:, 1:], logits, True))
             value, grads = jax.value_and_grad(loss)([v.value for v in model.trainable_variables])
             jaxpr = str(jax.make_jaxpr(jax.grad(loss))([v.value for v in model.trainable_variables]))

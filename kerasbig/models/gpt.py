@@ -11,7 +11,6 @@ The output head is the token embedding matrix transposed (weight tying), so para
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import keras
@@ -113,11 +112,11 @@ class Block(keras.layers.Layer):
     """One transformer block: x + attention(ln_1(x)), then x + mlp(ln_2(x)) with a GELU MLP."""
 
     def __init__(self, width: int, heads: int, *, mlp_ratio: int = 4, dropout: float = 0.0, use_bias: bool = True,
-                 output_stddev: float = INIT_STD, activation: str = "gelu", **kwargs):
+                 output_stddev: float = INIT_STD, activation: str = "gelu", remat: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.width, self.heads, self.mlp_ratio, self.dropout, self.use_bias, self.output_stddev = (
             width, heads, mlp_ratio, dropout, use_bias, output_stddev)
-        self.activation = activation
+        self.activation, self.remat = activation, remat
         # GPT-2 LayerNorms have biases too; nanoGPT's bias=False drops them along with the Dense biases.
         self.ln_1 = keras.layers.LayerNormalization(epsilon=1e-5, center=use_bias, name="ln_1")
         self.attn = CausalSelfAttention(width, heads, dropout=dropout, use_bias=use_bias,
@@ -139,8 +138,12 @@ class Block(keras.layers.Layer):
         return self.mlp_dropout(self.mlp_proj(self.mlp_fc(self.ln_2(x))), training=training)
 
     def call(self, x, training=None):
-        x = x + self.attn(self.ln_1(x), training=training)
-        return x + self._mlp(x, training=training)
+        def forward(x):
+            x = x + self.attn(self.ln_1(x), training=training)
+            return x + self._mlp(x, training=training)
+        # `training` stays a Python value in the closure: keras.RematScope would trace it with the inputs (under
+        # jax.checkpoint), and dropout cannot branch on a traced flag.
+        return keras.remat(forward)(x) if self.remat else forward(x)
 
     def call_with_cache(self, x, cache, index):
         """The block on new positions at `index`... given the attention cache; returns (output, cache)."""
@@ -151,7 +154,7 @@ class Block(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "width": self.width, "heads": self.heads, "mlp_ratio": self.mlp_ratio,
                 "dropout": self.dropout, "use_bias": self.use_bias, "output_stddev": self.output_stddev,
-                "activation": self.activation}
+                "activation": self.activation, "remat": self.remat}
 
 
 def vocabulary(spec: DataSpec, vocab_size: int) -> int:
@@ -175,7 +178,7 @@ def build_gpt(spec: DataSpec, *, width: int = 768, depth: int = 12, heads: int =
               activation: str = "gelu", remat: bool = False) -> keras.Model:
     """A GPT over `vocab_size` tokens (0: the data's `spec.num_classes`) with a context of `context` positions
     (0: the data's `spec.seq_len`); the defaults are GPT-2 124M's shape. `activation` is one of ACTIVATIONS.
-    `remat`: rematerialize each block (`keras.RematScope`): its activations are recomputed in the backward pass
+    `remat`: rematerialize each block (`keras.remat`): its activations are recomputed in the backward pass
     instead of held, so training holds each block's input and one block's activations at a time.
 
     Inputs may be shorter than the context (generation feeds growing prefixes).
@@ -197,11 +200,9 @@ def build_gpt(spec: DataSpec, *, width: int = 768, depth: int = 12, heads: int =
                                                  embeddings_initializer=_normal(INIT_STD), name="token_embedding")
     x = PositionEmbedding(context or spec.seq_len, initializer=_normal(INIT_STD), name="position_embedding")(embedding(tokens))
     x = keras.layers.Dropout(dropout)(x)
-    names = [f"block_{i}" for i in range(depth)]
-    with keras.RematScope(mode="list_of_layers", layer_names=names) if remat else contextlib.nullcontext():
-        for name in names:
-            x = Block(width, heads, mlp_ratio=mlp_ratio, dropout=dropout, use_bias=bias, output_stddev=output_stddev,
-                      activation=activation, name=name)(x)
+    for i in range(depth):
+        x = Block(width, heads, mlp_ratio=mlp_ratio, dropout=dropout, use_bias=bias, output_stddev=output_stddev,
+                  activation=activation, remat=remat, name=f"block_{i}")(x)
     x = keras.layers.LayerNormalization(epsilon=1e-5, center=bias, name="ln_f")(x)
     logits = keras.layers.Activation("linear", dtype="float32", name="logits")(embedding(x, reverse=True))
     return keras.Model(tokens, logits, name="gpt")
