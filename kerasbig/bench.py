@@ -234,8 +234,12 @@ def main() -> None:
             raise UsageError(f"--cases: {unknown} are neither batch sizes nor `largest`; the gpu suite takes e.g. "
                              "--cases=16,32,largest")
     else:
-        known = {"cpu": lambda: _suite_module("cpu").LOOP_CASES,
-                 "compression": lambda: _suite_module("compression").MODELS}.get(FLAGS.suite, lambda: CASES)()
+        if FLAGS.suite == "cpu":
+            known = _suite_module("cpu").LOOP_CASES
+        elif FLAGS.suite == "compression":
+            known = _suite_module("compression").MODELS
+        else:
+            known = CASES
         unknown = sorted(set(FLAGS.cases or []) - set(known))
         if unknown:
             raise UsageError(f"--cases: unknown {unknown}; choose from {list(known)}")
