@@ -2,16 +2,16 @@
 
 Layout: `<workdir>/checkpoints/step-00001234/{weights, state.json, arrays.npz}`. Each is written to a temporary
 folder and renamed, so a reader (or a resume after SIGKILL) never sees half of one. A save in the background
-copies the variables to host memory at once and writes the files on a thread while training goes on. The weights are in one of
-two formats, read whichever backend wrote them: a TensorFlow run writes a `tf.train.Checkpoint`
-(`ckpt.index`, `ckpt.data-*`: saved by every worker, through a TPU's host), a JAX run `weights.npz` (numpy
-alone: no TensorFlow needed to train, and `--mode=export` under TensorFlow reads it into the same model).
-Weights are saved under their Keras paths (`model/weights/<path>`, `optimizer/<path>`), so a checkpoint of
-another architecture is told apart from the right one instead of being read into the wrong variables; the
-states of the model's random-number generators (dropout's) are saved in order (`model/rng/<i>`), since their
-generated names depend on what else a process built first. Under multi-worker
-training every worker saves (saving may need collectives) and only the chief's copy is kept; all workers
-restore from the chief's folder, so it must be on a filesystem they share.
+copies the variables to host memory at once and writes the files on a thread while training goes on. The weights
+are in one of two formats, read whichever backend wrote them: a TensorFlow run writes a `tf.train.Checkpoint`
+(`ckpt.index`, `ckpt.data-*`: saved by every worker, through a TPU's host), a JAX run `weights.npz` (numpy alone:
+no TensorFlow needed to train, and `--mode=export` under TensorFlow reads it into the same model). Weights are
+saved under their Keras paths (`model/weights/<path>`, `optimizer/<path>`), so a checkpoint of another
+architecture is told apart from the right one instead of being read into the wrong variables; the states of the
+model's random-number generators (dropout's) are saved in order (`model/rng/<i>`), since their generated names
+depend on what else a process built first. Under multi-worker training every worker saves (saving may need
+collectives) and only the chief's copy is kept; all workers restore from the chief's folder, so it must be on a
+filesystem they share.
 """
 from __future__ import annotations
 
