@@ -94,6 +94,9 @@ class JaxSteps:
         self.multi_worker = jax.process_count() > 1
         with distribution.scope():
             optimizer.build(model.trainable_variables)
+        # On one device Keras keeps the variables unsharded (and uncommitted): their batches go to that device too.
+        self._one_device = (model.variables[0].value.sharding if distribution.device_mesh.devices.size == 1
+                            else None)
         self._train_step = None  # jitted at the first step, once callbacks have installed the schedule
         self._eval_step = jax.jit(self._eval_sums)
         self._eval_inputs = {}
@@ -174,6 +177,8 @@ class JaxSteps:
 
     def _on_devices(self, arrays: tuple) -> tuple:
         """A global batch laid out along the mesh's batch axis."""
+        if self._one_device is not None:
+            return tuple(jax.device_put(a, self._one_device) for a in arrays)
         return tuple(keras.distribution.distribute_tensor(a, self.distribution.get_data_layout(a.shape))
                      for a in arrays)
 
@@ -221,6 +226,8 @@ class JaxSteps:
 
     def _jit_train_step(self):
         """The step, jitted with its state donated and kept in the variables' own shardings."""
+        if self._one_device is not None:  # committed now, as the step's outputs will be: else a second compilation
+            self._assign(jax.device_put(self._state(), self._one_device))
         shardings = tuple([v.value.sharding for v in variables] for variables in self._variables())
         return jax.jit(self._train_step_fn, donate_argnums=0, out_shardings=(shardings, None, None))
 

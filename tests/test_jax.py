@@ -78,8 +78,10 @@ def runs(tmp_path_factory):
 
     def run(strategy: str) -> pathlib.Path:
         if strategy not in done:
-            kerasbig("train", *TINY_GPT, *SHORT, "--mode=train", *LAYOUTS[strategy], f"--workdir={root / strategy}",
-                     env=WITHOUT_TF if strategy == "one_device" else JAX)
+            result = kerasbig("train", *TINY_GPT, *SHORT, "--mode=train", *LAYOUTS[strategy],
+                              f"--workdir={root / strategy}",
+                              env={**(WITHOUT_TF if strategy == "one_device" else JAX), "JAX_LOG_COMPILES": "1"})
+            (root / f"{strategy}.stderr").write_text(result.stderr)
             done[strategy] = root / strategy
         return done[strategy]
     return run
@@ -140,6 +142,15 @@ def test_a_run_without_tensorflow_trains_checkpoints_and_writes_tensorboard(runs
 def test_layouts_train_as_one_device_does(runs, strategy):
     """Same global batches, same updates: weights, optimizer slots and test loss agree with one device."""
     assert_same_run(runs(strategy), runs("one_device"), rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", LAYOUTS)
+def test_every_layout_compiles_its_train_step_once(runs, strategy):
+    """The state the step returns has the layout (and committedness) of the state it took, so the second step
+    reuses the first one's program: on one device too, where Keras leaves the variables unsharded."""
+    log = (runs(strategy).parent / f"{strategy}.stderr").read_text()
+    assert log.count("Compiling jit(_train_step_fn)") == 1, log.count("Compiling jit(_train_step_fn)")
 
 
 @pytest.mark.slow
