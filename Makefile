@@ -18,8 +18,9 @@ $(STAMP): setup.py
 train: $(STAMP)
 	$(PY) -m kerasbig.train $(ARGS)
 
-# Test files run on TEST_WORKERS processes, each file whole on one (its module fixtures are built once).
-TEST_WORKERS ?= 2
+# Test files run on TEST_WORKERS processes, each file whole on one (its module fixtures are built once). Three on
+# 2 cores: the tests wait often enough (process start-up, servers, peers) that a third keeps both cores busy.
+TEST_WORKERS ?= 3
 test: $(STAMP) chromium slurm
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 

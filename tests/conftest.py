@@ -27,6 +27,26 @@ def kerasbig(module: str, *args: str, timeout: float = 600, env: dict | None = N
     return result
 
 
+# The files that take longest (minutes each on 2 cores), longest first. `make test` gives each worker whole files
+# in collection order, so these start first and the short files fill in around them, instead of one long file
+# starting last and running alone.
+LONGEST_FILES = ("test_shipped_configs.py", "test_jax.py", "test_cluster.py", "test_compress.py", "test_lora.py",
+                 "test_pretrained.py", "test_train.py", "test_fault_tolerance.py", "test_data_corpus.py",
+                 "test_generate_signature.py", "test_packaging.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+    """The JAX processes that tests start share JAX's persistent compilation cache, so that a rerun of the same
+    training (a resume after SIGKILL, another layout's twin) does not compile its steps again."""
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax-compilation-cache"))
+
+
 @pytest.fixture
 def train():
     """`train(*args)` runs `python -m kerasbig.train` and returns the CompletedProcess."""
