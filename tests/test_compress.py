@@ -168,13 +168,16 @@ def _batch_losses(workdir) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_quantization_aware_fine_tuning_trains_around_int8_kernels_resumes_exactly_and_exports_int8(train, tmp_path):
-    """int8 from the start: the loss falls while the int8 kernels stay as quantized; stopped at step 8 and
-    resumed to 16 equals a straight run of 16; the SavedModel holds int8 kernels and its test score."""
+    """int8 from the start: the loss falls while the int8 kernels stay as quantized; its step-8 checkpoint,
+    resumed to 16 in a new workdir, equals the straight run of 16; the SavedModel holds int8 kernels and its
+    test score."""
     straight, resumed, models = tmp_path / "straight", tmp_path / "resumed", tmp_path / "models"
     result = train(*QUANTIZED, "--config.train.steps=16", f"--workdir={straight}", f"--export_dir={models / 'int8'}")
     losses = _batch_losses(straight)
     assert losses[max(losses)] < losses[min(losses)], losses
-    train(*QUANTIZED, "--config.train.steps=8", "--mode=train", f"--workdir={resumed}")
+    step_8 = straight / "checkpoints" / "step-00000008"
+    shutil.copytree(step_8, resumed / "checkpoints" / step_8.name)  # as if that run had stopped there
+    shutil.copy(straight / "config.json", resumed)
     at_8 = checkpoint_weights(resumed)
     rerun = train(*QUANTIZED, "--config.train.steps=16", "--mode=train", f"--workdir={resumed}")
     assert "Resuming from step 8" in rerun.stdout

@@ -44,7 +44,9 @@ def load_teacher(source: str, data_config, spec: DataSpec, student: keras.Model)
         saved, load = _saved_model_teacher(version, key)
     elif (folder / "config.json").is_file() and checkpoint.saved_steps(folder / "checkpoints"):
         saved = json.loads((folder / "config.json").read_text())
-        load = lambda model: checkpoint.load_model_weights(folder / "checkpoints", model)  # noqa: E731
+
+        def load(model: keras.Model) -> None:
+            checkpoint.load_model_weights(folder / "checkpoints", model)
     else:
         raise UsageError(f"{key} is neither a trained kerasbig workdir (config.json and checkpoints/) nor a kerasbig "
                          "SavedModel export (saved_models/<name>[/<N>]); train or export the teacher first")
@@ -99,8 +101,9 @@ def _saved_model_teacher(version: pathlib.Path, key: str):
 
 
 def _assign_by_index(model: keras.Model, path: pathlib.Path, key: str) -> None:
-    """Assigns `variables/<i>` of the SavedModel checkpoint `path` to `model.variables[i]`, each checked for
-    count, shape and dtype first (so a mismatch changes nothing)."""
+    """Assigns `variables/<i>` of the SavedModel checkpoint `path` to the weights among `model.variables[i]`,
+    each checked for count, shape and dtype first (so a mismatch changes nothing). Dropout's seed generator
+    states are left as they are: the teacher runs in inference mode, and their dtype is the backend's."""
     try:
         import tensorflow as tf
     except ImportError:
@@ -108,17 +111,20 @@ def _assign_by_index(model: keras.Model, path: pathlib.Path, key: str) -> None:
                          "the teacher's workdir") from None
     reader = tf.train.load_checkpoint(str(path))
     shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
-    names = [f"variables/{i}/.ATTRIBUTES/VARIABLE_VALUE" for i in range(len(model.variables))]
     saved_count = sum(1 for name in shapes if name.startswith("variables/") and name.count("/") == 3)
-    problems = [] if saved_count == len(names) else [f"{saved_count} variables saved, {len(names)} in the rebuilt model"]
+    weights = {id(weight) for weight in model.weights}
+    pairs = [(variable, f"variables/{i}/.ATTRIBUTES/VARIABLE_VALUE") for i, variable in enumerate(model.variables)
+             if id(variable) in weights]
+    problems = ([] if saved_count == len(model.variables) else
+                [f"{saved_count} variables saved, {len(model.variables)} in the rebuilt model"])
     problems += [f"{variable.path}: saved {tuple(shapes[name])} {dtypes[name].name}, rebuilt {tuple(variable.shape)} "
-                 f"{variable.dtype}" for variable, name in zip(model.variables, names)
+                 f"{variable.dtype}" for variable, name in pairs
                  if name in shapes and (tuple(shapes[name]) != tuple(variable.shape)
                                         or dtypes[name].name != keras.backend.standardize_dtype(variable.dtype))]
     if problems:
         raise UsageError(f"{key}: its variables do not match the model its config builds ({problems[0]}); pass an "
                          "unmodified kerasbig export or the teacher's workdir")
-    for variable, name in zip(model.variables, names):
+    for variable, name in pairs:
         variable.assign(reader.get_tensor(name))
 
 
