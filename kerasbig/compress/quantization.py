@@ -108,15 +108,13 @@ def quantize(model: keras.Model, mode: str, task: Task | None = None) -> None:
 
 
 class TokenIds:
-    """The `tokenizer` Keras's GPTQConfig requires: the calibration data is token ids already (Keras tokenizes
-    only strings), so it hands ids back unchanged and refuses text."""
+    """The `tokenizer` Keras's GPTQConfig requires: the calibration data is token ids already (Keras calls
+    `tokenize` on strings only), so it hands ids back unchanged and refuses text."""
 
     def tokenize(self, ids):
         if isinstance(ids, (str, bytes)):
             raise TypeError("kerasbig calibrates on token ids; it has no text to tokenize")
         return np.asarray(ids, "int32")
-
-    __call__ = tokenize
 
 
 def calibration_tokens(task: Task, count: int = CALIBRATION_EXAMPLES) -> np.ndarray:
@@ -126,6 +124,7 @@ def calibration_tokens(task: Task, count: int = CALIBRATION_EXAMPLES) -> np.ndar
 
 
 def _gptq(model: keras.Model, task: Task) -> None:
+    """Keras's GPTQ of a gpt or llama `model`, its blocks calibrated one after another on training tokens."""
     blocks = [layer for layer in model.layers if isinstance(layer, BLOCK_TYPES)]
     inside = {id(layer) for block in blocks for layer in block._flatten_layers()}
     tokens = calibration_tokens(task)
