@@ -185,11 +185,12 @@ def saved_model_gzip_bytes(directory: pathlib.Path) -> int:
                if p.is_file() and "assets.extra" not in p.parts)
 
 
-def quantized_copy(model: keras.Model, mode: str = "int8") -> keras.Model:
-    """A copy of `model` with Keras's weight quantization (Dense, EinsumDense and Embedding layers)."""
+def quantized_copy(model: keras.Model, mode: str = "int8", task: Task | None = None) -> keras.Model:
+    """A copy of `model` with Keras's weight quantization (Dense, EinsumDense and Embedding layers); a
+    calibrated mode (gptq) calibrates on `task`'s training split."""
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
-    quantization.quantize(copy, mode)
+    quantization.quantize(copy, mode, task)
     return copy
 
 

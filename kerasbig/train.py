@@ -330,7 +330,7 @@ def export_quantized(model, task, *, float_version: pathlib.Path, record: dict, 
 
     float_scores = scores(model, task)
     for mode in modes:
-        quantized = export.quantized_copy(model, mode)
+        quantized = export.quantized_copy(model, mode, task)
         comparison = {"float": {"version": int(float_version.name), "size_bytes": float_record["size_bytes"],
                                 **float_scores},
                       mode: scores(quantized, task)}

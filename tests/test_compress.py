@@ -2,22 +2,24 @@
 SavedModel; quantization-aware fine-tuning; distillation; their bad inputs."""
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import keras
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from conftest import REPO, assert_same_weights, checkpoint_weights, kerasbig, latest_checkpoint, load_config
-from kerasbig import config as config_lib, data, lora
+from kerasbig import config as config_lib, data, evaluation, export, lora
 from kerasbig.models import build
 from kerasbig.compress.distillation import load_teacher
 from kerasbig.compress.pruning import Pruner, Schedule, sparsities, strip
-from kerasbig.compress.quantization import quantize_for_training
+from kerasbig.compress.quantization import check_model, quantize_for_training
 from kerasbig.errors import UsageError
 
 
@@ -166,13 +168,16 @@ def _batch_losses(workdir) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_quantization_aware_fine_tuning_trains_around_int8_kernels_resumes_exactly_and_exports_int8(train, tmp_path):
-    """int8 from the start: the loss falls while the int8 kernels stay as quantized; stopped at step 8 and
-    resumed to 16 equals a straight run of 16; the SavedModel holds int8 kernels and its test score."""
+    """int8 from the start: the loss falls while the int8 kernels stay as quantized; its step-8 checkpoint,
+    resumed to 16 in a new workdir, equals the straight run of 16; the SavedModel holds int8 kernels and its
+    test score."""
     straight, resumed, models = tmp_path / "straight", tmp_path / "resumed", tmp_path / "models"
     result = train(*QUANTIZED, "--config.train.steps=16", f"--workdir={straight}", f"--export_dir={models / 'int8'}")
     losses = _batch_losses(straight)
     assert losses[max(losses)] < losses[min(losses)], losses
-    train(*QUANTIZED, "--config.train.steps=8", "--mode=train", f"--workdir={resumed}")
+    step_8 = straight / "checkpoints" / "step-00000008"
+    shutil.copytree(step_8, resumed / "checkpoints" / step_8.name)  # as if that run had stopped there
+    shutil.copy(straight / "config.json", resumed)
     at_8 = checkpoint_weights(resumed)
     rerun = train(*QUANTIZED, "--config.train.steps=16", "--mode=train", f"--workdir={resumed}")
     assert "Resuming from step 8" in rerun.stdout
@@ -198,6 +203,43 @@ def test_quantization_aware_fine_tuning_trains_around_int8_kernels_resumes_exact
     assert 'key: "int8"' in (models / "models.config").read_text()
 
 
+GPTQ_GPT = ["--config=configs/gpt_small.py", "--config.model.width=16", "--config.model.depth=1",
+            "--config.model.heads=2", "--config.data.seq_len=32", "--config.train.steps=10",
+            "--config.train.jit_compile=False", "--config.train.eval_every_steps=10", "--config.model.dropout=0.0"]
+
+
+@pytest.mark.slow
+def test_gptq_version_is_calibrated_exported_and_served_beside_the_float_one(train, tmp_path):
+    """A tiny GPT exported as float and gptq: the gptq version (verified in a fresh process by the export) scores
+    close to float's bits per token, and differently from both float and plain int4 (quantized here from the
+    same run): it is calibrated."""
+    workdir, models = tmp_path / "run", tmp_path / "models"
+    result = train(*GPTQ_GPT, "--config.export.quantize=gptq", f"--workdir={workdir}", f"--export_dir={models / 'gpt'}")
+    assert f"SavedModel (gptq): {models / 'gpt' / '2'}" in result.stdout
+    record = json.loads((models / "gpt" / "2" / "assets.extra" / "kerasbig.json").read_text())
+    assert record["quantization"] == "gptq"
+    bits = {mode: record["comparison"][mode]["test_bits_per_token"] for mode in ("float", "gptq")}
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    task = data.load_task(config.data)
+    trained = load_teacher(str(workdir), config.data, task.spec, build(task.spec, config.model))
+    bits["int4"] = evaluation.serving_scores(export.quantized_copy(trained, "int4"), task)["bits_per_token"]
+    assert abs(bits["gptq"] - bits["float"]) < 0.05 * bits["float"], bits
+    assert len(set(bits.values())) == 3, bits
+    saved = tf.train.load_checkpoint(str(models / "gpt" / "2" / "variables" / "variables"))
+    dtypes = saved.get_variable_to_dtype_map()
+    # 4-bit kernels, packed two to a byte, and their zero points: the block's 4 Dense layers, no other layer.
+    assert sum(1 for key, dtype in dtypes.items() if key.startswith("variables/") and dtype == tf.uint8) == 8
+    assert 'key: "gptq"' in (models / "models.config").read_text()
+
+
+def test_gptq_is_refused_for_a_model_without_transformer_blocks():
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)], name="mlp")
+    with pytest.raises(UsageError, match=re.escape("config.export.quantize=int8,gptq: gptq calibrates the "
+                                                   "transformer blocks of a decoder language model (gpt, llama), "
+                                                   "which model mlp is not; use ['int8', 'int4']")):
+        check_model(model, ["int8", "gptq"])
+
+
 PRUNING = "compress.prune."
 BAD_PRUNING = [
     ({PRUNING + "sparsity": 1.0, PRUNING + "end_step": 10}, "config.compress.prune.sparsity=1.0 must be in [0, 1)"),
@@ -213,7 +255,7 @@ BAD_PRUNING = [
 
 
 BAD_QUANTIZATION = [
-    ({"export.quantize": "gptq"}, "config.export.quantize='gptq': gptq needs the model's blocks described to Keras"),
+    ({"export.quantize": "awq"}, "config.export.quantize='awq': awq is not written by kerasbig yet"),
     ({"export.quantize": "float8"}, "float8 keeps float weights"),
     ({"export.quantize": "int8,int2"}, "'int2' is not a mode Keras"),
     ({"export.quantize": "int8,int8"}, "names a mode twice"),
@@ -266,32 +308,94 @@ def test_bad_pruning_is_one_line_exit_2_before_training(train, tmp_path):
 
 
 STUDENT = ["--config=configs/digits_mlp.py", "--config.model.hidden=(16,)", "--config.train.steps=40",
-           "--config.optimizer.learning_rate=0.01", "--mode=train"]
+           "--config.optimizer.learning_rate=0.01", "--config.train.log_every_steps=4", "--mode=train"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """(workdir, SavedModel version) of a trained 256+128-unit digits_mlp teacher, exported."""
+    root = tmp_path_factory.mktemp("teacher")
+    kerasbig("train", "--config=configs/digits_mlp.py", "--config.train.steps=300", f"--workdir={root / 'run'}",
+             f"--export_dir={root / 'models' / 'digits'}")
+    return root / "run", root / "models" / "digits" / "1"
+
+
+@pytest.fixture(scope="module")
+def students(teacher, tmp_path_factory):
+    """Workdirs of the 16-unit student, same budget: on labels alone, and distilled from the teacher's workdir
+    and from its SavedModel."""
+    root = tmp_path_factory.mktemp("students")
+    for name, source in (("alone", None), ("workdir", teacher[0]), ("saved_model", teacher[1])):
+        kerasbig("train", *STUDENT, *([f"--config.compress.teacher={source}"] if source else []),
+                 f"--workdir={root / name}")
+    return root
+
+
+def _digits():
+    """(data config, task, a digits_mlp student) for in-process teacher checks."""
+    config = load_config("digits_mlp").unlock()
+    task = data.load_task(config.data)
+    return config.data, task, build(task.spec, config.model)
 
 
 @pytest.mark.slow
-def test_distilled_student_against_the_same_student_on_labels_alone(train, tmp_path):
+def test_distilled_student_against_the_same_student_on_labels_alone(students):
     """A 16-unit digits_mlp student, 40 steps, from a trained 256+128-unit teacher, against the same student and
     budget on labels alone: the distilled one's test loss (cross-entropy on the labels) is lower. (Its accuracy
     at this budget is within noise of the other's: docs/compression.md has the figures.)"""
-    teacher = tmp_path / "teacher"
-    train("--config=configs/digits_mlp.py", "--config.train.steps=300", "--mode=train", f"--workdir={teacher}")
-    alone = train(*STUDENT, f"--workdir={tmp_path / 'alone'}")
-    distilled = train(*STUDENT, f"--config.compress.teacher={teacher}", f"--workdir={tmp_path / 'distilled'}")
-    loss = {name: json.loads((tmp_path / name / "metrics.json").read_text())["loss"] for name in ("alone", "distilled")}
-    assert loss["distilled"] < loss["alone"], (loss, alone.stdout[-300:], distilled.stdout[-300:])
-    names = [k for k in checkpoint_weights(tmp_path / "distilled")]  # the teacher is not in the student's checkpoint
+    loss = {name: json.loads((students / name / "metrics.json").read_text())["loss"] for name in ("alone", "workdir")}
+    assert loss["workdir"] < loss["alone"], loss
+    names = [k for k in checkpoint_weights(students / "workdir")]  # the teacher is not in the student's checkpoint
     assert names and all(k.startswith("mlp/dense_0/") or k.startswith("mlp/logits/") for k in names), names
 
-    # A teacher of other data, or a folder that is not a trained run: refused before training (in process: the
-    # one-line exit 2 of a UsageError is test_bad_pruning_is_one_line_exit_2_before_training's).
-    config = load_config("digits_mlp").unlock()
-    task = data.load_task(config.data)
-    student = build(task.spec, config.model)
-    other = config.data.copy_and_resolve_references()
+
+@pytest.mark.slow
+def test_a_saved_model_teacher_gives_its_workdirs_logits_and_the_same_distillation(teacher, students):
+    """Rebuilt from the export's kerasbig.json and variables: the workdir teacher's logits exactly, and a
+    student distilled from it trains to the same losses and weights."""
+    data_config, task, student = _digits()
+    x = task.preprocess(next(iter(task.examples("test").batch(64)))[0])
+    from_workdir, from_saved_model = (load_teacher(str(source), data_config, task.spec, student) for source in teacher)
+    np.testing.assert_allclose(from_saved_model(x), from_workdir(x), rtol=1e-6, atol=1e-6)
+    losses = [_batch_losses(students / name) for name in ("workdir", "saved_model")]
+    assert len(losses[0]) == 10 and losses[0] == losses[1]
+    assert_same_weights(students / "workdir", students / "saved_model", rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_quantized_version_as_teacher_is_rebuilt_quantized_and_a_model_folder_gives_its_newest(pruned_run):
+    """The pruned run's model folder: its newest version is the int8 one, whose rebuilt teacher gives the
+    probabilities that version serves."""
+    data_config, task, student = _digits()
+    raw = next(iter(task.examples("test").batch(64)))[0]
+    teacher = load_teacher(str(pruned_run[1] / "digits"), data_config, task.spec, student)
+    assert [layer.quantization_mode for layer in teacher.layers if layer.weights] == ["int8", "int8"]
+    served = tf.saved_model.load(str(pruned_run[1] / "digits" / "2")).signatures["serving_default"]
+    np.testing.assert_allclose(tf.nn.softmax(teacher(task.preprocess(raw))), served(image=raw)["probabilities"],
+                               atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bad_teachers_are_refused_before_training(teacher, tmp_path):
+    """Other data; a folder that is neither a workdir nor an export; an export whose variables are not those of
+    the model its config builds; a gptq version."""
+    data_config, task, student = _digits()
+    other = data_config.copy_and_resolve_references()
     other.test_fraction = 0.3
-    for data_config, source, message in [(other, teacher, "was trained on other data (data.test_fraction: "),
-                                         (config.data, tmp_path / "alone" / "checkpoints",
-                                          "is not a trained kerasbig workdir")]:
+    mismatched, gptq = tmp_path / "mismatched" / "1", tmp_path / "gptq" / "3"
+    for copy, change in ((mismatched, lambda r: r["config"]["model"].update(hidden=[64, 128])),
+                         (gptq, lambda r: r.update(quantization="gptq", comparison={"float": {"version": 1}}))):
+        shutil.copytree(teacher[1], copy)
+        record = json.loads((copy / "assets.extra" / "kerasbig.json").read_text())
+        change(record)
+        (copy / "assets.extra" / "kerasbig.json").write_text(json.dumps(record))
+    for data_config_, source, message in [
+            (other, teacher[0], "was trained on other data (data.test_fraction: "),
+            (other, teacher[1], "was trained on other data (data.test_fraction: "),
+            (data_config, teacher[0] / "checkpoints", "is neither a trained kerasbig workdir"),
+            (data_config, mismatched, "its variables do not match the model its config builds (mlp/dense_0/kernel: "
+                                      "saved (64, 256) float32, rebuilt (64, 64) float32)"),
+            (data_config, gptq.parent, f"is quantized with gptq, which cannot be rebuilt without calibrating again; "
+                                       f"distil from the float version {gptq.parent / '1'}")]:
         with pytest.raises(UsageError, match=re.escape(message)):
-            load_teacher(str(source), data_config, task.spec, student)
+            load_teacher(str(source), data_config_, task.spec, student)
