@@ -44,10 +44,16 @@ def peak_flops() -> float:
     return float(os.environ.get("PEAK_TFLOPS", 989.0)) * 1e12
 
 
-def _train(size: dict[str, int], *, batch: int, accumulation: int = 1, remat: bool = False
-           ) -> subprocess.CompletedProcess | dict[str, float]:
-    """Trains a GPT of `size` through `python -m kerasbig.train --backend=jax` (bf16); what its run logged, or the
-    failed process."""
+OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory")
+
+
+class OutOfDeviceMemory(RunError):
+    """The training run stopped because its shape does not fit on the device."""
+
+
+def _train(size: dict[str, int], *, batch: int, accumulation: int = 1, remat: bool = False) -> dict[str, float]:
+    """Trains a GPT of `size` through `python -m kerasbig.train --backend=jax` (bf16); what its run logged. Raises
+    OutOfDeviceMemory when it does not fit, RunError when it fails otherwise."""
     steps = max(size["STEPS"], 4)
     with tempfile.TemporaryDirectory() as workdir:
         command = [sys.executable, "-m", "kerasbig.train", "--backend=jax", "--strategy=one_device",
@@ -65,7 +71,9 @@ def _train(size: dict[str, int], *, batch: int, accumulation: int = 1, remat: bo
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                                 env={**os.environ, "KERAS_BACKEND": "jax"})
         if result.returncode:
-            return result
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            fault = OutOfDeviceMemory if any(sign in result.stderr for sign in OUT_OF_MEMORY) else RunError
+            raise fault(f"batch {batch}, {size['L']} x {size['D']}: {last}")
         logs = pathlib.Path(workdir) / "train"
         logged = summaries.last_scalars(logs)
         if "tokens_per_sec" not in logged:
@@ -76,15 +84,12 @@ def _train(size: dict[str, int], *, batch: int, accumulation: int = 1, remat: bo
 def kerasbig_row(batch: int, size: dict[str, int]) -> dict:
     """kerasbig's JAX loop at this shape: tokens/s as its Throughput callback logged it."""
     logged = _train(size, batch=batch)
-    if isinstance(logged, subprocess.CompletedProcess):
-        raise RunError(f"kerasbig on JAX at batch {batch} failed: {logged.stderr.strip().splitlines()[-1:]}")
     return {"implementation": "kerasbig, JAX loop", "batch": batch, "tokens/s": logged["tokens_per_sec"],
             "MFU (%)": 100 * logged["tflops_per_sec"] * 1e12 / peak_flops(), "note": ""}
 
 
 # GPT-2's four sizes, then GPT-3's 2.7B and 6.7B shapes (layers, heads, width): the ladder `largest_rows` climbs.
 LADDER = ((12, 12, 768), (24, 16, 1024), (36, 20, 1280), (48, 25, 1600), (32, 32, 2560), (32, 32, 4096))
-OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory")
 
 
 def ladder() -> list[tuple[int, int, int]]:
@@ -102,10 +107,9 @@ def largest_rows(size: dict[str, int], batch: int = 8, accumulation: int = 8) ->
         shaped = {**size, "L": layers, "H": heads, "D": width}
         params = 12 * layers * width ** 2 + VOCABULARY * width  # about: the blocks' matrices and the tied embedding
         label = f"largest: {layers} x {width} ({params / 1e9:.2f}B)"
-        logged = _train(shaped, batch=batch, accumulation=accumulation, remat=True)
-        if isinstance(logged, subprocess.CompletedProcess):
-            if not any(sign in logged.stderr for sign in OUT_OF_MEMORY):
-                raise RunError(f"{label} failed: {logged.stderr.strip().splitlines()[-1:]}")
+        try:
+            logged = _train(shaped, batch=batch, accumulation=accumulation, remat=True)
+        except OutOfDeviceMemory:
             rows.append({"implementation": label, "batch": batch, "tokens/s": None, "MFU (%)": None,
                          "note": "out of device memory"})
             break
