@@ -11,7 +11,8 @@ import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kerasbig.callbacks import (EarlyStopping, LearningRateScheduler, StopOnNonFiniteLoss, Throughput, WarmupDecay,
-                                early_stopping, lr_schedule, nonfinite, peak_flops_per_device, throughput)
+                                early_stopping, global_step, lr_schedule, nonfinite, peak_flops_per_device,
+                                throughput)
 from kerasbig.errors import UsageError
 
 BATCH = 2
@@ -50,7 +51,7 @@ def scalars(log_dir, tag: str) -> list[tuple[int, float]]:
     return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
 
 
-@pytest.mark.parametrize("module", [lr_schedule, early_stopping, throughput, nonfinite])
+@pytest.mark.parametrize("module", [lr_schedule, early_stopping, throughput, nonfinite, global_step])
 def test_docstring_examples(module):
     assert doctest.testmod(module).failed == 0
 

@@ -14,7 +14,7 @@ from kerasbig.checkpoint import saved_steps
 from kerasbig.data import pipeline
 from kerasbig.data.digits import load_digits
 from kerasbig.data.spec import DataSpec, Task
-from kerasbig.train import make_optimizer
+from kerasbig.train import make_callbacks, make_optimizer
 from kerasbig.trainer import Trainer
 
 
@@ -61,6 +61,33 @@ def test_inputs_are_built_once_per_run_and_cadences_follow_steps(tmp_path, monke
     assert len(train_inputs.calls) == 1 and eval_inputs.calls == ["validation"]
     assert evaluated == [(5, True), (10, True), (12, True)]
     assert saved_steps(tmp_path / "checkpoints") == [3, 5, 6, 9, 10, 12]
+
+
+def test_executions_read_nothing_back_but_their_sums_and_evaluate_the_schedule_once_a_step(tmp_path, monkeypatch):
+    """Within an epoch, the run's callbacks (schedule, throughput, dashboard) never read the optimizer's step
+    counter from the device (each read waits for it): they count steps from one read per epoch. And the compiled
+    step evaluates the learning-rate schedule once, not again for every weight-decayed kernel."""
+    config = digits_config(epochs=2)
+    config.data.batch_size = 64  # 19 executions per epoch
+    run = trainer(config, tmp_path)
+    iterations, reads, traced_schedules, reads_at_batch_end = run.optimizer.iterations, [], [], []
+    numpy = type(iterations).numpy
+    monkeypatch.setattr(type(iterations), "numpy",
+                        lambda variable: (variable is iterations and reads.append(1), numpy(variable))[1])
+    callbacks = make_callbacks(config, tmp_path, task=run.task, total_steps=run.total_steps, flops_per_step=None,
+                               run_info={"seed": 0, "mixed_precision": "float32", "replicas": 1})
+    schedule = callbacks[0].schedule
+    evaluate = type(schedule).__call__
+    monkeypatch.setattr(type(schedule), "__call__", lambda self, step: (
+        tf.executing_eagerly() or traced_schedules.append(1), evaluate(self, step))[1])
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: reads_at_batch_end.append(len(reads)))
+    run.fit([*callbacks, record], verbose=False)
+
+    assert len(reads_at_batch_end) == run.total_steps == 38
+    for epoch in (0, 1):
+        in_epoch = reads_at_batch_end[epoch * 19:(epoch + 1) * 19]
+        assert in_epoch[1:] == in_epoch[:1] * 18, f"reads by the end of each execution of epoch {epoch}: {in_epoch}"
+    assert len(traced_schedules) == 2  # the step's rate, and the next step's that the execution returns
 
 
 def test_a_resumed_stream_continues_with_the_same_batches(tmp_path):
