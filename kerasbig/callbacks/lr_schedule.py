@@ -102,8 +102,9 @@ class LearningRateScheduler(keras.callbacks.Callback):
 
     The rate is added to batch and epoch logs as `learning_rate` (the rate the optimizer applies at
     the current global step) and, with `log_dir`, written there as a TensorBoard scalar against the
-    global step (read from the device once per epoch) at most once per `log_every_steps` steps. Because the optimizer evaluates the schedule
-    at `optimizer.iterations`, the rate is exact with `steps_per_execution > 1` and after a resume.
+    global step (read from the device once per epoch) at most once per `log_every_steps` steps.
+    Because the optimizer evaluates the schedule at `optimizer.iterations`, the rate is exact with
+    `steps_per_execution > 1` and after a resume.
     Install it before the first train step is traced (`model.fit` does: this runs in on_train_begin).
 
     >>> import numpy as np

@@ -62,9 +62,9 @@ class Throughput(keras.callbacks.Callback):
 
     Time is measured between consecutive `on_train_batch_end` calls and steps as the change in
     `optimizer.iterations`, so one call per multi-step execution is handled; nothing is read from the
-    device but that counter, once per epoch (`GlobalStep`). The first execution of a fit (tracing and compilation) is not timed, and
-    each epoch's clock starts at its first `on_train_batch_begin`, so validation and input set-up
-    between epochs are not counted. All per-step arguments are global (all replicas); `peak_flops` is
+    device but that counter, once per epoch (`GlobalStep`). The first execution of a fit (tracing and
+    compilation) is not timed, and each epoch's clock starts at its first `on_train_batch_begin`, so
+    validation and input set-up between epochs are not counted. All per-step arguments are global (all replicas); `peak_flops` is
     the summed peak of all devices, e.g. `peak_flops_per_device() * num_replicas`. TensorBoard gets
     averages over at least `log_every_steps` steps, written to `log_dir` against the global step.
 
