@@ -6,8 +6,8 @@ stream), with the same optimizer, schedule, batch, steps and validation cadence,
   checkpoints, as `python -m kerasbig.train` runs it;
 - `fit`: `model.compile` + `model.fit(steps_per_epoch=..., validation_data=...)` with the same schedule as the
   optimizer's learning rate;
-- `step`: kerasbig's compiled multi-step function called in a bare loop (no callbacks, validation or checkpoints):
-  the floor;
+- `step`: kerasbig's compiled multi-step function, with the same schedule, called in a bare loop (no callbacks,
+  validation or checkpoints): the floor;
 - `step_cached`: the same with one batch repeated from memory: the step without any input pipeline, so that
   `step - step_cached` is what waiting for input costs.
 Each reports the training call's seconds, the median step time of the executions after the first (inside
@@ -133,6 +133,7 @@ def _fit(model, optimizer, task, config, trainer: Trainer, strategy, timer: Step
 
 
 def _bare_steps(trainer: Trainer, steps: int, spe: int, *, cached: bool, timer: StepTimes) -> None:
+    trainer.optimizer.learning_rate = schedule_of(trainer.config, steps)  # kerasbig's step computes it too
     def dataset_fn(context):
         stream = pipeline.train_batches(trainer.task, global_batch=trainer.global_batch, seed=0, start_step=0,
                                         total_steps=steps, context=context)

@@ -11,7 +11,8 @@ import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kerasbig.callbacks import (EarlyStopping, LearningRateScheduler, StopOnNonFiniteLoss, Throughput, WarmupDecay,
-                                early_stopping, lr_schedule, nonfinite, peak_flops_per_device, throughput)
+                                early_stopping, global_step, lr_schedule, nonfinite, peak_flops_per_device,
+                                throughput)
 from kerasbig.errors import UsageError
 
 BATCH = 2
@@ -50,7 +51,7 @@ def scalars(log_dir, tag: str) -> list[tuple[int, float]]:
     return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
 
 
-@pytest.mark.parametrize("module", [lr_schedule, early_stopping, throughput, nonfinite])
+@pytest.mark.parametrize("module", [lr_schedule, early_stopping, throughput, nonfinite, global_step])
 def test_docstring_examples(module):
     assert doctest.testmod(module).failed == 0
 
@@ -312,7 +313,7 @@ def test_early_stopping_takes_keras_positional_arguments():
 def test_auto_mode_follows_the_compiled_metrics_direction(metric, values, stop_epoch):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
     model.compile("sgd", "mse", metrics=[metric])
-    model.fit(np.ones((4, 2)), np.ones((4, 2)), verbose=0)  # builds the compiled metrics
+    model.compute_metrics(np.ones((4, 2)), np.ones((4, 2)), model(np.ones((4, 2))))  # builds them, eagerly
     stopper = EarlyStopping(monitor=f"val_{metric.name}", patience=2)
     stopper.set_model(model)
     stopper.on_train_begin()

@@ -14,7 +14,7 @@ from kerasbig.checkpoint import saved_steps
 from kerasbig.data import pipeline
 from kerasbig.data.digits import load_digits
 from kerasbig.data.spec import DataSpec, Task
-from kerasbig.train import make_optimizer
+from kerasbig.train import make_callbacks, make_optimizer
 from kerasbig.trainer import Trainer
 
 
@@ -63,6 +63,37 @@ def test_inputs_are_built_once_per_run_and_cadences_follow_steps(tmp_path, monke
     assert saved_steps(tmp_path / "checkpoints") == [3, 5, 6, 9, 10, 12]
 
 
+def test_executions_read_nothing_back_but_their_sums_and_evaluate_the_schedule_once_a_step(tmp_path, monkeypatch):
+    """Within an epoch, the run's callbacks (schedule, throughput, dashboard) never read the optimizer's step
+    counter from the device (each read waits for it): they count steps from one read per epoch. And the compiled
+    step evaluates the learning-rate schedule once, not again for every weight-decayed kernel. With no step
+    cadence set, the period is an epoch of the data, and the run ends with a complete checkpoint."""
+    config = digits_config(epochs=2)
+    config.data.batch_size = 64  # 19 executions per epoch
+    run = trainer(config, tmp_path)
+    assert (run.period, run.epochs, run.total_steps) == (19, 2, 38)
+    iterations, reads, traced_schedules, reads_at_batch_end = run.optimizer.iterations, [], [], []
+    numpy = type(iterations).numpy
+    monkeypatch.setattr(type(iterations), "numpy",
+                        lambda variable: (variable is iterations and reads.append(1), numpy(variable))[1])
+    callbacks = make_callbacks(config, tmp_path, task=run.task, total_steps=run.total_steps, flops_per_step=None,
+                               run_info={"seed": 0, "mixed_precision": "float32", "replicas": 1})
+    schedule = callbacks[0].schedule
+    evaluate = type(schedule).__call__
+    monkeypatch.setattr(type(schedule), "__call__", lambda self, step: (
+        tf.executing_eagerly() or traced_schedules.append(1), evaluate(self, step))[1])
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: reads_at_batch_end.append(len(reads)))
+    run.fit([*callbacks, record], verbose=False)
+
+    assert len(reads_at_batch_end) == run.total_steps == 38
+    for epoch in (0, 1):
+        in_epoch = reads_at_batch_end[epoch * 19:(epoch + 1) * 19]
+        assert in_epoch[1:] == in_epoch[:1] * 18, f"reads by the end of each execution of epoch {epoch}: {in_epoch}"
+    assert len(traced_schedules) == 2  # the step's rate, and the next step's that the execution returns
+    state = json.loads((tmp_path / "checkpoints" / "step-00000038" / "state.json").read_text())
+    assert state["complete"] and sorted(checkpoint_weights(tmp_path)) == sorted(v.path for v in run.model.variables)
+
+
 def test_a_resumed_stream_continues_with_the_same_batches(tmp_path):
     """The stream from step k is the tail of the stream from step 0, across epoch boundaries and reshuffles."""
     task = load_digits(augment=True)
@@ -105,14 +136,6 @@ def test_weight_decay_spares_biases_and_normalisation(name):
         assert moved == (len(variable.shape) >= 2), variable.path
 
 
-def test_period_is_an_epoch_when_no_step_cadence_is_set(tmp_path):
-    run = trainer(digits_config(epochs=2), tmp_path)
-    assert (run.period, run.epochs, run.total_steps) == (4, 2, 8)
-    run.fit([], verbose=False)
-    state = json.loads((tmp_path / "checkpoints" / "step-00000008" / "state.json").read_text())
-    assert state["complete"] and sorted(checkpoint_weights(tmp_path)) == sorted(v.path for v in run.model.variables)
-
-
 def test_validation_calls_the_test_hooks_as_fit_does(tmp_path):
     """Keras's fit runs validation between on_test_begin and on_test_end with a batch hook per batch."""
     calls = []
@@ -121,7 +144,7 @@ def test_validation_calls_the_test_hooks_as_fit_does(tmp_path):
         on_test_batch_begin=lambda batch, logs: calls.append(f"batch {batch}"),
         on_test_batch_end=lambda batch, logs: calls.append("end" if "loss" in logs else "no loss"),
         on_test_end=lambda logs: calls.append(f"done {sorted(logs)}"))
-    config = digits_config(steps=8, eval_every_steps=4)
+    config = digits_config(steps=2, eval_every_steps=1)
     config.data.eval_batch_size = 64  # 180 validation examples: 3 batches
     trainer(config, tmp_path).fit([hooks], verbose=False)
     one_pass = ["begin", "batch 0", "end", "batch 1", "end", "batch 2", "end", "done ['accuracy', 'loss']"]
@@ -133,7 +156,5 @@ def test_an_evaluation_batch_larger_than_the_split_evaluates_it_once(tmp_path):
     is cut to the split instead, and every example still counts once."""
     config = digits_config(steps=4)
     config.data.eval_batch_size = 10 ** 8
-    run = trainer(config, tmp_path)
-    run.fit([], verbose=False)
-    sums, labels, _ = run.evaluate("test")
+    sums, labels, _ = trainer(config, tmp_path).evaluate("test")
     assert sums.count == len(labels) == 360

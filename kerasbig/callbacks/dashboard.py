@@ -12,6 +12,7 @@ import keras
 import numpy as np
 from tensorboard.plugins.hparams import summary_v2 as hp  # the api module imports TensorFlow
 
+from kerasbig.callbacks import global_step
 from kerasbig.data import text
 from kerasbig.data.spec import CLASSIFICATION, LANGUAGE_MODEL, Task
 from kerasbig.errors import UsageError
@@ -75,24 +76,20 @@ class Dashboard(keras.callbacks.Callback):
         self._prompt = _prompt(task) if task and task.spec.kind == LANGUAGE_MODEL else None
         self._writers: dict[str, SummaryWriter] = {}
         self._last_written_step: int | None = None
-        self._step_offset: int | None = None
+        self._steps = global_step.GlobalStep()
 
     # ---- callback hooks -----------------------------------------------------------------------------
     def on_train_begin(self, logs=None):
         self._writers = {run: SummaryWriter(os.path.join(self.log_dir, run)) for run in ("train", "validation")}
         self._last_written_step = None
-        if self._step() == 0:  # a resumed run keeps what its start wrote
+        if global_step.read(self.model) == 0:  # a resumed run keeps what its start wrote
             self._write_start()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._step_offset = None
+        self._steps.new_epoch()
 
     def on_train_batch_end(self, batch, logs=None):
-        # Global step = offset + index of the epoch's batch: the optimizer's counter (a device variable) is
-        # read once per epoch, not at every step.
-        if self._step_offset is None:
-            self._step_offset = self._step() - batch
-        step = self._step_offset + batch
+        step = self._steps.at_batch_end(self.model, batch)
         if self._last_written_step is not None and step - self._last_written_step < self.log_every_steps:
             return
         for name in BATCH_METRICS:
@@ -101,7 +98,7 @@ class Dashboard(keras.callbacks.Callback):
         self._last_written_step = step
 
     def on_epoch_end(self, epoch, logs=None):
-        step, logs = self._step(), logs or {}
+        step, logs = global_step.read(self.model), logs or {}
         for name, value in logs.items():
             run, name = ("validation", name[len("val_"):]) if name.startswith("val_") else ("train", name)
             self._writers[run].scalar(f"epoch_{name}", value, step)
@@ -116,9 +113,6 @@ class Dashboard(keras.callbacks.Callback):
         self._writers = {}
 
     # ---- what is written ----------------------------------------------------------------------------
-    def _step(self) -> int:
-        return int(self.model.optimizer.iterations.numpy())  # numpy(): also for a MirroredVariable
-
     def _write_start(self) -> None:
         with SummaryWriter(self.log_dir) as root:  # the HParams session: its runs are train/, validation/
             root.summary(hp.hparams_config_pb(hparams=[hp.HParam(name) for name in self.hparams],

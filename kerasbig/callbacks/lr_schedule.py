@@ -10,6 +10,7 @@ import math
 import keras
 from keras import ops
 
+from kerasbig.callbacks import global_step
 from kerasbig.errors import UsageError
 from kerasbig.summaries import SummaryWriter
 
@@ -101,8 +102,9 @@ class LearningRateScheduler(keras.callbacks.Callback):
 
     The rate is added to batch and epoch logs as `learning_rate` (the rate the optimizer applies at
     the current global step) and, with `log_dir`, written there as a TensorBoard scalar against the
-    global step at most once per `log_every_steps` steps. Because the optimizer evaluates the schedule
-    at `optimizer.iterations`, the rate is exact with `steps_per_execution > 1` and after a resume.
+    global step (read from the device once per epoch) at most once per `log_every_steps` steps.
+    Because the optimizer evaluates the schedule at `optimizer.iterations`, the rate is exact with
+    `steps_per_execution > 1` and after a resume.
     Install it before the first train step is traced (`model.fit` does: this runs in on_train_begin).
 
     >>> import numpy as np
@@ -126,6 +128,7 @@ class LearningRateScheduler(keras.callbacks.Callback):
         self.log_every_steps = log_every_steps
         self._writer = None
         self._last_written_step = None
+        self._steps = global_step.GlobalStep()
 
     def on_train_begin(self, logs=None):
         self.model.optimizer.learning_rate = self.schedule
@@ -137,8 +140,11 @@ class LearningRateScheduler(keras.callbacks.Callback):
             self._writer = SummaryWriter(self.log_dir)
         self._last_written_step = None
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._steps.new_epoch()
+
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
+        step = self._steps.at_batch_end(self.model, batch)
         if logs is not None and "learning_rate" in logs:  # kerasbig's loop reports the rate its step applied
             rate = float(logs["learning_rate"])
         else:  # evaluating the schedule on the host costs about a millisecond of eager ops
@@ -152,7 +158,7 @@ class LearningRateScheduler(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs["learning_rate"] = float(self.schedule(int(self.model.optimizer.iterations.numpy())))
+            logs["learning_rate"] = float(self.schedule(global_step.read(self.model)))
 
     def on_train_end(self, logs=None):
         if self._writer:

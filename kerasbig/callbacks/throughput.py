@@ -5,6 +5,7 @@ import time
 
 import keras
 
+from kerasbig.callbacks import global_step
 from kerasbig.errors import UsageError
 from kerasbig.summaries import SummaryWriter
 
@@ -61,9 +62,9 @@ class Throughput(keras.callbacks.Callback):
 
     Time is measured between consecutive `on_train_batch_end` calls and steps as the change in
     `optimizer.iterations`, so one call per multi-step execution is handled; nothing is read from the
-    device but that counter. The first execution of a fit (tracing and compilation) is not timed, and
-    each epoch's clock starts at its first `on_train_batch_begin`, so validation and input set-up
-    between epochs are not counted. All per-step arguments are global (all replicas); `peak_flops` is
+    device but that counter, once per epoch (`GlobalStep`). The first execution of a fit (tracing and
+    compilation) is not timed, and each epoch's clock starts at its first `on_train_batch_begin`, so
+    validation and input set-up between epochs are not counted. All per-step arguments are global (all replicas); `peak_flops` is
     the summed peak of all devices, e.g. `peak_flops_per_device() * num_replicas`. TensorBoard gets
     averages over at least `log_every_steps` steps, written to `log_dir` against the global step.
 
@@ -94,6 +95,7 @@ class Throughput(keras.callbacks.Callback):
         self._last = None  # (time, global step) where the next execution's timing starts
         self._epoch_start = False
         self._window = (0, 0.0)  # (steps, seconds) measured since the last TensorBoard write
+        self._steps = global_step.GlobalStep()
 
     def on_train_begin(self, logs=None):
         if self.log_dir:
@@ -103,6 +105,7 @@ class Throughput(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = True
+        self._steps.new_epoch()
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._epoch_start and self._last is not None:
@@ -111,7 +114,7 @@ class Throughput(keras.callbacks.Callback):
         self._epoch_start = False
 
     def on_train_batch_end(self, batch, logs=None):
-        now, step = time.perf_counter(), int(self.model.optimizer.iterations.numpy())
+        now, step = time.perf_counter(), self._steps.at_batch_end(self.model, batch)
         if self._last is not None and step > self._last[1]:
             steps, seconds = step - self._last[1], now - self._last[0]
             if logs is not None:

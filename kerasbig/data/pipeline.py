@@ -64,8 +64,12 @@ def train_batches(task: Task, *, global_batch: int, seed: int, start_step: int, 
         return x, y
 
     counters = tf.data.Dataset.range(start_step * global_batch, total_steps * global_batch)
-    examples = counters.batch(global_batch).map(pick).unbatch()
-    batches = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(global_batch, drop_remainder=True)
+    picked = counters.batch(global_batch, drop_remainder=True).map(pick)  # a whole number of batches
+    if task.load is None and task.augment is None:  # nothing to do per example: the gathered batch is the batch
+        batches = picked.map(lambda epoch, index, example: example)
+    else:
+        batches = picked.unbatch().map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(global_batch,
+                                                                                          drop_remainder=True)
     return _distribute(batches, task, global_batch, context)
 
 
