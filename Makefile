@@ -18,11 +18,12 @@ $(STAMP): setup.py
 train: $(STAMP)
 	$(PY) -m kerasbig.train $(ARGS)
 
-# Test files run on TEST_WORKERS processes, each file whole on one (its module fixtures are built once). Three on
+# Test files run on TEST_WORKERS processes, each file whole on one (its module fixtures are built once), in the
+# order conftest.py gives (longest first; xdist would otherwise start the files with most tests first). Three on
 # 2 cores: the tests wait often enough (process start-up, servers, peers) that a third keeps both cores busy.
 TEST_WORKERS ?= 3
 test: $(STAMP) chromium slurm
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # The TensorBoard browser test drives Debian's Chromium (never a downloaded browser). Installed once where
 # apt-get works; elsewhere those two tests are skipped.

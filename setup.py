@@ -42,6 +42,6 @@ setup(
         # base tensorflow wheel, so `pip install kerasbig[hub]` keeps the installed TensorFlow (checked with pip's
         # --dry-run: it adds tensorflow-text, tokenizers and huggingface_hub, and replaces nothing).
         "hub": ["keras-hub>=0.32,<0.33"],
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "pytest-timeout>=2.3,<3", "jax>=0.4.34,<0.11"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "pytest-timeout>=2.3,<3", "jax>=0.4.34,<0.11"],
     },
 )

@@ -30,9 +30,9 @@ def kerasbig(module: str, *args: str, timeout: float = 600, env: dict | None = N
 # The files that take longest (minutes each on 2 cores), longest first. `make test` gives each worker whole files
 # in collection order, so these start first and the short files fill in around them, instead of one long file
 # starting last and running alone.
-LONGEST_FILES = ("test_shipped_configs.py", "test_jax.py", "test_cluster.py", "test_compress.py", "test_lora.py",
-                 "test_pretrained.py", "test_train.py", "test_fault_tolerance.py", "test_data_corpus.py",
-                 "test_generate_signature.py", "test_packaging.py")
+LONGEST_FILES = ("test_shipped_configs.py", "test_jax.py", "test_compress.py", "test_lora.py", "test_cluster.py",
+                 "test_pretrained.py", "test_train.py", "test_generate_signature.py", "test_packaging.py",
+                 "test_distribute.py", "test_data_corpus.py", "test_fault_tolerance.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
