@@ -94,7 +94,7 @@ class JaxSteps:
         self.multi_worker = jax.process_count() > 1
         with distribution.scope():
             optimizer.build(model.trainable_variables)
-        # On one device Keras keeps the variables unsharded (and uncommitted): their batches go to that device too.
+        # On one device Keras keeps the variables unsharded and uncommitted: the step commits them to that device.
         self._one_device = (model.variables[0].value.sharding if distribution.device_mesh.devices.size == 1
                             else None)
         self._train_step = None  # jitted at the first step, once callbacks have installed the schedule
@@ -177,8 +177,6 @@ class JaxSteps:
 
     def _on_devices(self, arrays: tuple) -> tuple:
         """A global batch laid out along the mesh's batch axis."""
-        if self._one_device is not None:
-            return tuple(jax.device_put(a, self._one_device) for a in arrays)
         return tuple(keras.distribution.distribute_tensor(a, self.distribution.get_data_layout(a.shape))
                      for a in arrays)
 
