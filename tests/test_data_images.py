@@ -93,14 +93,17 @@ def test_cached_images_are_the_streamed_ones(folder):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_augmentation_is_stateless_and_keeps_the_shape(folder):
+def test_augmentation_is_stateless_and_draws_for_each_image(folder):
+    """One seed gives one augmented batch; another seed another; each image of the batch gets its own flip and
+    shift (eight copies of one image do not all come out the same)."""
     image = next(iter(data.load_task(data_config(f"images:{folder}", image_size=SIZE)).examples("train")))[0]
+    batch = tf.stack([image] * 8)
     seed = tf.constant([3, 7], tf.int64)
-    once, again = images.augment(image, seed), images.augment(image, seed)
-    assert once.shape == image.shape
-    np.testing.assert_array_equal(once.numpy(), again.numpy())
-    others = [images.augment(image, tf.constant([3, s], tf.int64)).numpy() for s in range(8, 16)]
-    assert any(not np.array_equal(other, once.numpy()) for other in others)
+    once, again = images.augment(batch, seed).numpy(), images.augment(batch, seed).numpy()
+    assert once.shape == batch.shape
+    np.testing.assert_array_equal(once, again)
+    assert not np.array_equal(images.augment(batch, tf.constant([3, 8], tf.int64)).numpy(), once)
+    assert len({copy.tobytes() for copy in once}) > 1
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "single_class", "empty_class", "corrupt", "few_files"])

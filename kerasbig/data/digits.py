@@ -6,6 +6,7 @@ import sklearn.datasets
 import sklearn.model_selection
 import tensorflow as tf
 
+from kerasbig.data.augment import random_shifts
 from kerasbig.data.spec import CLASSIFICATION, DataSpec, Task
 
 MAX_PIXEL = 16.0  # the raw scale of the digits' pixels
@@ -27,10 +28,10 @@ def preprocess(images: tf.Tensor) -> tf.Tensor:
     return tf.cast(images, tf.float32)[..., None] / MAX_PIXEL
 
 
-def shift(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Light augmentation: move the digit by up to one pixel each way (stateless, so it replays on resume)."""
-    padded = tf.pad(image, [[1, 1], [1, 1]])
-    return tf.image.stateless_random_crop(padded, [8, 8], seed)
+def shift(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Light augmentation: move each digit of the batch by up to one pixel each way (stateless, so it replays on
+    resume)."""
+    return random_shifts(images, 1, seed)
 
 
 def load_digits(*, test_fraction: float = 0.2, validation_fraction: float = 0.1, augment: bool = True,

@@ -19,6 +19,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+from kerasbig.data.augment import random_flips_left_right, random_shifts
 from kerasbig.data.folders import Files, list_files
 from kerasbig.data.spec import CLASSIFICATION, DataSpec, EncodedInput, Plan, Task
 from kerasbig.errors import UsageError
@@ -44,14 +45,12 @@ def _scale(pixels: tf.Tensor) -> tf.Tensor:
     return pixels / MAX_PIXEL
 
 
-def augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """A random horizontal flip and a shift of up to 1/8 of the side each way (edges mirrored), stateless so that
-    it replays exactly on resume."""
+def augment(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Each image of the batch flipped horizontally at random and shifted by up to 1/8 of the side each way
+    (edges mirrored), stateless so that it replays exactly on resume."""
     flip_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    pad = max(1, image.shape[0] // SHIFT_FRACTION)
-    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-    return tf.image.stateless_random_crop(padded, tf.shape(image), shift_seed)
+    pad = max(1, images.shape[1] // SHIFT_FRACTION)
+    return random_shifts(random_flips_left_right(images, flip_seed), pad, shift_seed, mode="REFLECT")
 
 
 def _channels(path: str) -> int | None:

@@ -42,34 +42,32 @@ def train_batches(task: Task, *, global_batch: int, seed: int, start_step: int, 
     Example k of the run (counting from step 0) is example `index_shuffle(k mod m)` of epoch k // m, a
     permutation seeded by (seed, epoch) of which each epoch uses the first m = steps_per_epoch * global_batch
     (the last partial batch is dropped). So a resumed run computes where it is instead of replaying or skipping
-    batches, and stored examples are loaded (decoded, augmented) only for the steps that run. The stored
-    examples are held in memory, which is why they must be light (see `Task.load`).
+    batches, and stored examples are loaded (decoded) and augmented only for the steps that run. Augmentation
+    takes the global batch of step s with the stateless seed (seed, s), so every replica and every resume sees
+    the same augmented batch. The stored examples are held in memory, which is why they must be light (see
+    `Task.load`).
     """
     n = task.num_examples["train"]
     used = steps_per_epoch(task, global_batch) * global_batch
     stored = next(iter(task.train.batch(n)))  # every stored example, each field a tensor of n rows
-    load = task.load or (lambda *example: example)
 
     def pick(counters):
         """Stored examples for a batch of run-wide example counters; a batch never straddles two epochs."""
         epoch = counters[0] // used
         indices = tf.random.experimental.index_shuffle(counters % used, tf.stack([tf.cast(seed, tf.int64), epoch]),
                                                        tf.constant(n - 1, tf.int64))
-        return tf.fill(tf.shape(indices), epoch), indices, tf.nest.map_structure(lambda t: tf.gather(t, indices), stored)
-
-    def prepare(epoch, index, example):
-        x, y = load(*example) if isinstance(example, tuple) else load(example)
-        if task.augment is not None:
-            x = task.augment(x, tf.stack([tf.cast(seed, tf.int64), epoch * n + index]))
-        return x, y
+        return tf.nest.map_structure(lambda t: tf.gather(t, indices), stored)
 
     counters = tf.data.Dataset.range(start_step * global_batch, total_steps * global_batch)
-    picked = counters.batch(global_batch, drop_remainder=True).map(pick)  # a whole number of batches
-    if task.load is None and task.augment is None:  # nothing to do per example: the gathered batch is the batch
-        batches = picked.map(lambda epoch, index, example: example)
-    else:
-        batches = picked.unbatch().map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(global_batch,
-                                                                                          drop_remainder=True)
+    batches = counters.batch(global_batch, drop_remainder=True).map(pick)  # a whole number of batches
+    if task.load is not None:
+        batches = batches.unbatch().map(task.load, num_parallel_calls=tf.data.AUTOTUNE).batch(global_batch,
+                                                                                              drop_remainder=True)
+    if task.augment is not None:  # the whole global batch at once, seeded by its step
+        steps = tf.data.Dataset.range(start_step, total_steps)
+        batches = tf.data.Dataset.zip(steps, batches).map(
+            lambda step, batch: (task.augment(batch[0], tf.stack([tf.cast(seed, tf.int64), step])), *batch[1:]),
+            num_parallel_calls=tf.data.AUTOTUNE)
     return _distribute(batches, task, global_batch, context)
 
 

@@ -87,8 +87,9 @@ class Task:
 
     Raw inputs are what a serving client sends (digits: 0-16 pixels, shape (8, 8)); an input may be a dict of
     named features. `preprocess` maps a *batch* of raw inputs to model inputs; the training pipeline and the
-    SavedModel signature both apply it, so clients never repeat it. `augment(raw_example, seed)` (training
-    only) takes a stateless seed of shape [2] so that augmentation replays exactly after a resume.
+    SavedModel signature both apply it, so clients never repeat it. `augment(raw_batch, seed)` (training only)
+    changes a batch of raw inputs with a stateless seed of shape [2], so that augmentation replays exactly after
+    a resume.
     `load(stored) -> (input, label)` runs after shuffling and skipping, so that shuffle buffers hold light
     stored examples (a file path and its label, an offset into token shards) and skipped ones are never
     decoded; None when the splits hold the raw examples themselves. Read splits through `examples(split)`.
