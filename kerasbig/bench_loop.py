@@ -173,15 +173,16 @@ def _row(name: str, runs: dict[str, list[dict]]) -> dict:
         values = [run[key] for run in runs[variant]]
         return (max(values) - min(values)) / statistics.median(values)
 
+    ratio, percent = "{:.2f}".format, "{:.0%}".format  # the table's one decimal would hide them
     return {
         "case": name, "steps": runs["kerasbig"][0]["steps"],
         "kerasbig (s)": median("kerasbig", "seconds"), "fit (s)": median("fit", "seconds"),
-        "kerasbig / fit": median("kerasbig", "seconds") / median("fit", "seconds"),
-        "spread": max(spread("kerasbig", "seconds"), spread("fit", "seconds")),
+        "kerasbig / fit": ratio(median("kerasbig", "seconds") / median("fit", "seconds")),
+        "spread": percent(max(spread("kerasbig", "seconds"), spread("fit", "seconds"))),
         "step ms: kerasbig": median("kerasbig", "step_ms"), "fit": median("fit", "step_ms"),
         "bare": median("step", "step_ms"),
-        "kerasbig / bare": median("kerasbig", "step_ms") / median("step", "step_ms"),
-        "input wait": max(0.0, 1 - median("step_cached", "step_ms") / median("step", "step_ms")),
+        "kerasbig / bare": ratio(median("kerasbig", "step_ms") / median("step", "step_ms")),
+        "input wait": "{:.1%}".format(max(0.0, 1 - median("step_cached", "step_ms") / median("step", "step_ms"))),
         "first step (s)": median("kerasbig", "first_step_s"), "fit first step (s)": median("fit", "first_step_s"),
     }
 

@@ -158,3 +158,19 @@ def test_an_evaluation_batch_larger_than_the_split_evaluates_it_once(tmp_path):
     config.data.eval_batch_size = 10 ** 8
     sums, labels, _ = trainer(config, tmp_path).evaluate("test")
     assert sums.count == len(labels) == 360
+
+
+def test_the_cpu_bench_times_each_variant_of_a_case_over_the_same_steps():
+    """`bench --suite=cpu`'s measurement, in-process on a 2-epoch digits_mlp: kerasbig's loop, fit, the bare step
+    and the cached step each train the case's 38 steps and report positive times, and a row of ratios follows."""
+    from kerasbig import bench_loop
+
+    case = bench_loop.LoopCase("digits_mlp", {"epochs": 2})
+    runs = {variant: [bench_loop.measure(variant, case)] for variant in bench_loop.VARIANTS}
+    for variant, (run,) in runs.items():
+        assert run["steps"] == 38 and run["seconds"] > 0 and run["step_ms"] > 0, (variant, run)
+        run["first_step_s"] = 1.0
+    row = bench_loop._row("digits_mlp", runs)
+    assert float(row["kerasbig / bare"]) == pytest.approx(runs["kerasbig"][0]["step_ms"] / runs["step"][0]["step_ms"],
+                                                          abs=0.01)
+    assert row["input wait"].endswith("%") and row["steps"] == 38
