@@ -2,6 +2,7 @@
 import hashlib
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, assert_same_weights, latest_checkpoint
+from conftest import REPO, assert_same_weights, kerasbig, latest_checkpoint
 
 pytestmark = pytest.mark.slow
 QUICK = ["--config=configs/digits_mlp.py", "--config.train.epochs=2", "--config.model.hidden=(64,)",
@@ -22,9 +23,16 @@ def tree_digest(folder: pathlib.Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_train_export_serve_and_rerun(train, tmp_path):
-    workdir, models = tmp_path / "run", tmp_path / "saved_models"
-    first = train(*QUICK, f"--workdir={workdir}", f"--export_dir={models / 'digits'}")
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """(workdir, export base, output) of QUICK trained once and exported: the first run of both tests below."""
+    root = tmp_path_factory.mktemp("quick")
+    workdir, models = root / "run", root / "saved_models"
+    return workdir, models, kerasbig("train", *QUICK, f"--workdir={workdir}", f"--export_dir={models / 'digits'}")
+
+
+def test_train_export_serve_and_rerun(train, quick_run):
+    workdir, models, first = quick_run
     assert f"Logs: {workdir}" in first.stdout and f"SavedModel: {models / 'digits' / '1'}" in first.stdout
 
     metrics = json.loads((workdir / "metrics.json").read_text())
@@ -68,11 +76,13 @@ print(json.dumps({{"accuracy": float(np.mean(out["classes"].numpy() == np.array(
     assert "versions: 2" in (models / "models.config").read_text()
 
 
-def test_eval_and_export_modes_use_the_latest_checkpoint(train, tmp_path):
+def test_eval_and_export_modes_use_the_latest_checkpoint(train, quick_run, tmp_path):
+    """Eval on a workdir without a checkpoint fails; on a copy of the trained run's workdir it rewrites the
+    run's own test metrics, and export mode writes a SavedModel from it."""
     workdir, models = tmp_path / "run", tmp_path / "saved_models"
     missing = train(*QUICK, f"--workdir={workdir}", "--mode=eval", check=False)
     assert missing.returncode == 1 and "no checkpoint" in missing.stderr
-    train(*QUICK, f"--workdir={workdir}", "--mode=train")
+    shutil.copytree(quick_run[0], workdir, dirs_exist_ok=True)
     trained = json.loads((workdir / "metrics.json").read_text())
     (workdir / "metrics.json").unlink()
     evaluated = train(*QUICK, f"--workdir={workdir}", "--mode=eval")
