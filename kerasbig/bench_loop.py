@@ -112,7 +112,7 @@ def measure(variant: str, case: LoopCase) -> dict:
         seconds = time.perf_counter() - start
     per_execution = statistics.median(timer.spans[1:]) if len(timer.spans) > 1 else float("nan")
     return {"seconds": seconds, "step_ms": 1e3 * per_execution / spe, "first_step_end": timer.first_end,
-            "steps": steps}
+            "steps": steps, "executions": len(timer.spans)}
 
 
 def _fit(model, optimizer, task, config, trainer: Trainer, strategy, timer: StepTimes) -> None:

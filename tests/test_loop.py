@@ -168,7 +168,7 @@ def test_the_cpu_bench_times_each_variant_of_a_case_over_the_same_steps():
     case = bench_loop.LoopCase("digits_mlp", {"epochs": 2})
     runs = {variant: [bench_loop.measure(variant, case)] for variant in bench_loop.VARIANTS}
     for variant, (run,) in runs.items():
-        assert run["steps"] == 38 and run["seconds"] > 0 and run["step_ms"] > 0, (variant, run)
+        assert run["steps"] == run["executions"] == 38 and run["seconds"] > 0 and run["step_ms"] > 0, (variant, run)
         run["first_step_s"] = 1.0
     row = bench_loop._row("digits_mlp", runs)
     assert float(row["kerasbig / bare"]) == pytest.approx(runs["kerasbig"][0]["step_ms"] / runs["step"][0]["step_ms"],
