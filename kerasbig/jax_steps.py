@@ -83,8 +83,6 @@ def make_distribution(name: str, model_config, *, num_devices: int = 0,
 class JaxSteps:
     """Jitted train and eval steps of `model` under `distribution`."""
 
-    io_device = None
-
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, task: Task,
                  distribution: keras.distribution.Distribution, config, *, seed: int, loss_denominator: float):
         self.model, self.optimizer, self.task, self.distribution = model, optimizer, task, distribution

@@ -33,8 +33,6 @@ class TensorFlowSteps:
         self.config, self.seed, self._loss_denominator, self.train_loss = config, seed, loss_denominator, train_loss
         self.replicas = strategy.num_replicas_in_sync
         self.multi_worker = distribute.is_multi_worker(strategy)
-        # A remote TPU worker would write checkpoints on its own disk: files go through this host instead.
-        self.io_device = "/job:localhost" if isinstance(strategy, tf.distribute.TPUStrategy) else None
         with strategy.scope():
             optimizer.build(model.trainable_variables)
         # We all-reduce gradients ourselves (so clipping sees the global gradient); the optimizer must not

@@ -95,8 +95,7 @@ class Trainer:
                                 loss_denominator=float(self.global_batch * tokens), train_loss=train_loss)
         model.optimizer = optimizer  # what callbacks read, as under fit()
         self.checkpoints = Checkpoints(workdir / "checkpoints", model=model, optimizer=optimizer,
-                                       keep=train.keep_checkpoints, is_chief=is_chief,
-                                       io_device=getattr(self.steps, "io_device", None))
+                                       keep=train.keep_checkpoints, is_chief=is_chief)
         if is_chief:  # the chief holds the workdir's lock: what a killed save left there is stale
             remove_temporaries(self.checkpoints.directory)
         self._sigterm = False

@@ -5,14 +5,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
-import re
 import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -89,20 +87,22 @@ def latest_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
     return steps[-1]
 
 
-def _unescape(name: str) -> str:
-    """A Keras variable path from its name in a TF checkpoint, where `/` is written `.S` and `.` as `..`."""
-    return re.sub(r"\.(S|\.)", lambda m: "/" if m.group(1) == "S" else ".", name)
+def checkpoint_arrays(folder: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every array of a checkpoint folder, or of a workdir's newest checkpoint, by key (`model/weights/<path>`,
+    `model/rng/<i>`, `optimizer/<path>`)."""
+    from kerasbig.checkpoint import StoredArrays
+
+    if (folder / "checkpoints").is_dir():
+        folder = latest_checkpoint(folder)
+    with StoredArrays(folder) as stored:
+        return {key: stored[key] for key in stored.keys()}
 
 
 def checkpoint_weights(folder: pathlib.Path, section: str = "model/weights") -> dict[str, np.ndarray]:
     """{variable path: value} of the model's weights (or `section="optimizer"`) in a checkpoint folder, or in a
     workdir's newest checkpoint."""
-    if (folder / "checkpoints").is_dir():
-        folder = latest_checkpoint(folder)
-    reader = tf.train.load_checkpoint(str(folder / "ckpt"))
-    prefix, suffix = f"{section}/", "/.ATTRIBUTES/VARIABLE_VALUE"
-    return {_unescape(key[len(prefix):-len(suffix)]): reader.get_tensor(key)
-            for key in reader.get_variable_to_shape_map() if key.startswith(prefix) and key.endswith(suffix)}
+    prefix = section + "/"
+    return {key[len(prefix):]: value for key, value in checkpoint_arrays(folder).items() if key.startswith(prefix)}
 
 
 def assert_same_weights(a: pathlib.Path, b: pathlib.Path, **tolerance) -> None:

@@ -2,6 +2,7 @@
 import json
 
 import keras
+import numpy as np
 import pytest
 
 from kerasbig import checkpoint, export, versions
@@ -58,6 +59,87 @@ def test_a_background_save_keeps_the_values_of_its_step_and_reports_a_failed_wri
         saves.wait()
     assert checkpoint.saved_steps(tmp_path) == [1] and sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
     saves.wait()  # reported once
+
+
+def _net(hidden: int, depth: int = 1) -> keras.Model:
+    """Named layers: their variables' paths are the same in every model built here."""
+    return keras.Sequential([keras.Input((3,)), *(keras.layers.Dense(hidden, name=f"hidden{i}") for i in range(depth)),
+                             keras.layers.Dropout(0.5), keras.layers.Dense(2, name="out")], name="net")
+
+
+def _model_and_optimizer():
+    """A model with a random-number state (dropout's) and an optimizer with slots, built."""
+    model = _net(hidden=4)
+    optimizer = keras.optimizers.SGD(momentum=0.9)
+    optimizer.build(model.trainable_variables)
+    for i, variable in enumerate(model.variables + optimizer.variables):  # every value distinct from its initial
+        variable.assign(np.full(variable.shape, i + 1).astype(variable.dtype))
+    return model, optimizer
+
+
+def _scramble(model, optimizer):
+    for variable in model.variables + optimizer.variables:
+        variable.assign(np.zeros(variable.shape, variable.dtype))
+
+
+def test_a_checkpoint_is_one_safetensors_file_of_every_variable_by_keras_path(tmp_path):
+    from safetensors.numpy import load_file
+
+    model, optimizer = _model_and_optimizer()
+    checkpoint.Checkpoints(tmp_path, model=model, optimizer=optimizer, keep=1).save(3, {"step": 3, "complete": False,
+                                                                                        "callbacks": {}})
+    stored = load_file(str(checkpoint.folder(tmp_path, 3) / "weights.safetensors"))
+    expected = checkpoint.flat_state(model, optimizer)
+    assert sorted(stored) == sorted(expected) and any(key.startswith("model/rng/") for key in stored)
+    for key, variable in expected.items():
+        np.testing.assert_array_equal(stored[key], keras.ops.convert_to_numpy(variable.value), err_msg=key)
+
+
+def _write_tf_checkpoint(model, optimizer, folder):
+    """What kerasbig wrote before safetensors on TensorFlow: a `tf.train.Checkpoint` of nested dicts."""
+    import tensorflow as tf
+
+    state = checkpoint.model_state(model)
+    tf.train.Checkpoint(model={"weights": {k: v.value for k, v in state["weights"].items()},
+                               "rng": [v.value for v in state["rng"]]},
+                        optimizer={k: v.value for k, v in checkpoint.by_path(optimizer.variables).items()}
+                        ).write(str(folder / "ckpt"))
+
+
+def _write_npz(model, optimizer, folder):
+    """What kerasbig wrote before safetensors on JAX: `weights.npz` of the same keys."""
+    arrays = {k: keras.ops.convert_to_numpy(v.value) for k, v in checkpoint.flat_state(model, optimizer).items()}
+    with open(folder / "weights.npz", "wb") as file:
+        np.savez(file, **arrays)
+
+
+@pytest.mark.parametrize("write", [_write_tf_checkpoint, _write_npz])
+def test_checkpoints_of_earlier_versions_still_resume(tmp_path, write):
+    model, optimizer = _model_and_optimizer()
+    expected = {k: keras.ops.convert_to_numpy(v.value) for k, v in checkpoint.flat_state(model, optimizer).items()}
+    old = checkpoint.folder(tmp_path, 7)
+    old.mkdir()
+    write(model, optimizer, old)
+    (old / "state.json").write_text(json.dumps({"step": 7, "complete": False, "callbacks": {}}))
+    _scramble(model, optimizer)
+    saves = checkpoint.Checkpoints(tmp_path, model=model, optimizer=optimizer, keep=5)
+    assert saves.restore_latest()[0]["step"] == 7
+    for key, variable in checkpoint.flat_state(model, optimizer).items():
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable.value), expected[key], err_msg=key)
+
+
+def test_a_checkpoint_of_other_shapes_or_variables_is_refused_before_anything_is_assigned(tmp_path):
+    model, optimizer = _model_and_optimizer()
+    checkpoint.Checkpoints(tmp_path, model=model, optimizer=optimizer, keep=1).save(1, {"step": 1})
+    wider = _net(hidden=5)
+    before = [keras.ops.convert_to_numpy(v.value) for v in wider.weights]
+    with pytest.raises(ValueError, match="has shape"):
+        checkpoint.load_model_weights(tmp_path, wider)
+    for variable, value in zip(wider.weights, before):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable.value), value)
+    deeper = _net(hidden=4, depth=2)
+    with pytest.raises(ValueError, match="not in the checkpoint"):
+        checkpoint.load_model_weights(tmp_path, deeper)
 
 
 @pytest.mark.parametrize("error, line", [(ValueError("first\nsecond"), "first"), (KeyError(), "KeyError"),

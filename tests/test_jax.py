@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, kerasbig
+from conftest import REPO, checkpoint_arrays, kerasbig
 from tensorboard.backend.event_processing.event_accumulator import TENSORS, EventAccumulator
 
 JAX = {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -37,15 +37,8 @@ SHORT = ("--config.train.steps=8", "--config.train.eval_every_steps=4", "--confi
          "--config.train.steps_per_execution=1")
 
 
-def weights(workdir: pathlib.Path) -> dict[str, np.ndarray]:
-    """The newest checkpoint's arrays (model and optimizer) of a JAX run, by key."""
-    latest = sorted((workdir / "checkpoints").glob("step-*"))[-1]
-    with np.load(latest / "weights.npz") as stored:
-        return {key: stored[key] for key in stored.files}
-
-
 def assert_same_run(got: pathlib.Path, expected: pathlib.Path, rtol: float) -> None:
-    a, b = weights(got), weights(expected)
+    a, b = checkpoint_arrays(got), checkpoint_arrays(expected)
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=1e-6, err_msg=key)
@@ -226,7 +219,7 @@ def test_sigkill_and_rerun_resumes_exactly_under_model_parallel(runs, tmp_path):
 
 @pytest.mark.slow
 def test_a_jax_checkpoint_exports_under_tensorflow_to_the_same_predictions(runs, tmp_path):
-    """`--mode=export` on TensorFlow reads the JAX run's weights.npz; the SavedModel, loaded in a fresh process,
+    """`--mode=export` on TensorFlow reads the JAX run's checkpoint; the SavedModel, loaded in a fresh process,
     predicts the logits the JAX model computes from the same checkpoint."""
     workdir = runs("one_device")
     kerasbig("train", *TINY_GPT, *SHORT, "--backend=tensorflow", "--mode=export", f"--workdir={workdir}",

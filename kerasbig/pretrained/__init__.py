@@ -143,18 +143,16 @@ def load_weights(model: keras.Model, model_config: dict) -> None:
 
 
 def _load_workdir_weights(model: keras.Model, workdir: pathlib.Path) -> None:
-    """The weights of the run's newest checkpoint, without its random-number states: a new config may have
-    another number of dropout layers."""
-    import tensorflow as tf
-
+    """The weights of the run's newest checkpoint, without its random-number states."""
     from kerasbig import checkpoint
 
-    steps = checkpoint.saved_steps(workdir / "checkpoints")
-    if not steps:
-        raise UsageError(f"config.model.init_from={workdir} has no checkpoint yet; train it first")
-    state = tf.train.Checkpoint(model={"weights": checkpoint.by_path(model.weights)})
-    state.read(str(checkpoint.folder(workdir / "checkpoints", steps[-1]) / "ckpt")).expect_partial(
-        ).assert_existing_objects_matched()
+    try:
+        checkpoint.load_model_weights(workdir / "checkpoints", model)
+    except FileNotFoundError:
+        raise UsageError(f"config.model.init_from={workdir} has no checkpoint yet; train it first") from None
+    except ValueError as error:
+        raise UsageError(f"config.model.init_from={workdir}: {error}; its checkpoint does not match its own "
+                         "config.json") from None
 
 
 def _assign(model: keras.Model, values: dict[str, np.ndarray], path: pathlib.Path) -> None:
