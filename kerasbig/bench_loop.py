@@ -8,11 +8,16 @@ stream), with the same optimizer, schedule, batch, steps and validation cadence,
   optimizer's learning rate;
 - `step`: kerasbig's compiled multi-step function, with the same schedule, called in a bare loop (no callbacks,
   validation or checkpoints): the floor;
-- `step_cached`: the same with one batch repeated from memory: the step without any input pipeline, so that
+- `step_validated`: the same, stopping for the validation pass after each period as kerasbig and `fit` do: on
+  this 2-core machine any pause of ~0.1 s, even a sleep, leaves the next ~10 steps up to 2x slower (the bare step
+  on one cached batch too), so `kerasbig / step_validated` is what the loop itself costs;
+- `step_cached`: the bare step with one batch repeated from memory: the step without any input pipeline, so that
   `step - step_cached` is what waiting for input costs.
 Each reports the training call's seconds, the median step time of the executions after the first (inside
 `on_train_batch_begin`..`end` for the loops with callbacks) and the seconds from process start to the end of the
-first step (start-up, tracing, compilation).
+first step (start-up, tracing, compilation). `kerasbig` also reports the median share of its step time spent
+outside the compiled call (`TensorFlowSteps.train`): the loop's own work in a step, which the ratio of two noisy
+medians cannot resolve below a few percent.
 
     python -m kerasbig.bench_loop VARIANT CASE      # one measurement, a JSON line (what the suite runs)
 
@@ -40,7 +45,7 @@ from kerasbig.data import pipeline
 from kerasbig.train import CONFIGS, make_callbacks, make_optimizer, schedule_of
 from kerasbig.trainer import Trainer
 
-VARIANTS = ("kerasbig", "fit", "step", "step_cached")
+VARIANTS = ("kerasbig", "fit", "step", "step_validated", "step_cached")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +104,10 @@ def measure(variant: str, case: LoopCase) -> dict:
         trainer = Trainer(model, optimizer, task, strategy, config, pathlib.Path(workdir))
         spe, steps = config.train.steps_per_execution, trainer.total_steps
         timer = StepTimes()
+        calls = []
         start = time.perf_counter()
         if variant == "kerasbig":
+            trainer.steps.train = _timed(trainer.steps.train, calls)
             callbacks = make_callbacks(config, pathlib.Path(workdir), task=task, total_steps=steps, flops_per_step=None,
                                        run_info={"seed": 0, "mixed_precision": "float32", "replicas": case.replicas},
                                        validation_predictions=trainer.latest_validation)
@@ -108,11 +115,25 @@ def measure(variant: str, case: LoopCase) -> dict:
         elif variant == "fit":
             _fit(model, optimizer, task, config, trainer, strategy, timer)
         else:
-            _bare_steps(trainer, steps, spe, cached=variant == "step_cached", timer=timer)
+            _bare_steps(trainer, steps, spe, cached=variant == "step_cached", validated=variant == "step_validated",
+                        timer=timer)
         seconds = time.perf_counter() - start
     per_execution = statistics.median(timer.spans[1:]) if len(timer.spans) > 1 else float("nan")
-    return {"seconds": seconds, "step_ms": 1e3 * per_execution / spe, "first_step_end": timer.first_end,
-            "steps": steps, "executions": len(timer.spans)}
+    result = {"seconds": seconds, "step_ms": 1e3 * per_execution / spe, "first_step_end": timer.first_end,
+              "steps": steps, "executions": len(timer.spans)}
+    if variant == "kerasbig":  # each execution's span holds one compiled call
+        result["outside_step"] = statistics.median(1 - call / span for call, span in zip(calls[1:], timer.spans[1:]))
+    return result
+
+
+def _timed(function, durations: list):
+    """`function`, appending the seconds of each call to `durations`."""
+    def timed(*args):
+        start = time.perf_counter()
+        result = function(*args)
+        durations.append(time.perf_counter() - start)
+        return result
+    return timed
 
 
 def _fit(model, optimizer, task, config, trainer: Trainer, strategy, timer: StepTimes) -> None:
@@ -132,17 +153,22 @@ def _fit(model, optimizer, task, config, trainer: Trainer, strategy, timer: Step
               callbacks=[timer], verbose=0)
 
 
-def _bare_steps(trainer: Trainer, steps: int, spe: int, *, cached: bool, timer: StepTimes) -> None:
+def _bare_steps(trainer: Trainer, steps: int, spe: int, *, cached: bool, validated: bool, timer: StepTimes) -> None:
     trainer.optimizer.learning_rate = schedule_of(trainer.config, steps)  # kerasbig's step computes it too
     def dataset_fn(context):
         stream = pipeline.train_batches(trainer.task, global_batch=trainer.global_batch, seed=0, start_step=0,
                                         total_steps=steps, context=context)
         return stream.take(1).cache().repeat() if cached else stream
     iterator = iter(trainer.strategy.distribute_datasets_from_function(dataset_fn))
-    for done in range(0, steps, spe):
+    done = 0
+    while done < steps:
+        n = min(spe, steps - done, trainer.period - done % trainer.period)  # executions end where periods do
         timer.on_train_batch_begin(done)
-        trainer.steps.train(iterator, min(spe, steps - done), False)
+        trainer.steps.train(iterator, n, False)
         timer.on_train_batch_end(done)
+        done += n
+        if validated and (done % trainer.period == 0 or done == steps):
+            trainer.evaluate("validation")
 
 
 def suite(cases: list[str], repeats: int = 3) -> list[dict]:
@@ -186,7 +212,10 @@ def _row(name: str, runs: dict[str, list[dict]]) -> dict:
         "bare": median("step", "step_ms"),
         "kerasbig / bare": ratio(median("kerasbig", "step_ms") / median("step", "step_ms")),
         "best of each": ratio(best("kerasbig", "step_ms") / best("step", "step_ms")),
+        "bare, validating": median("step_validated", "step_ms"),
+        "kerasbig / bare validating": ratio(median("kerasbig", "step_ms") / median("step_validated", "step_ms")),
         "input wait": "{:.1%}".format(max(0.0, 1 - median("step_cached", "step_ms") / median("step", "step_ms"))),
+        "loop outside step": "{:.1%}".format(median("kerasbig", "outside_step")),
         "first step (s)": median("kerasbig", "first_step_s"), "fit first step (s)": median("fit", "first_step_s"),
     }
 
