@@ -90,7 +90,7 @@ class JaxSteps:
         self.replicas = distribution.num_model_replicas  # data-parallel copies: the batch is split this many ways
         # Several processes (`join_cluster`) each feed the same global batches and keep the parts on their devices.
         self.multi_worker = jax.process_count() > 1
-        self.accelerated = distribution.device_mesh.devices.flat[0].platform != "cpu"
+        self.accelerated = jax.devices()[0].platform != "cpu"  # keras.distribution runs on JAX's default devices
         with distribution.scope():
             optimizer.build(model.trainable_variables)
         # On one device Keras keeps the variables unsharded and uncommitted: the step commits them to that device.
