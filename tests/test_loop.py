@@ -181,6 +181,23 @@ def test_an_evaluation_batch_larger_than_the_split_evaluates_it_once(tmp_path):
     assert sums.count == len(labels) == 360
 
 
+def test_evaluations_reuse_one_iterator_and_a_pass_cut_short_does_not_shift_the_next(tmp_path):
+    """Every pass covers the split once in the same order, whether the one before it ran to the end (the
+    repeated iterator continues at a pass boundary) or was cut short (its iterator is dropped)."""
+    config = digits_config(steps=4)
+    config.data.eval_batch_size = 64  # 360 test examples: 5 full batches and a padded one
+    run = trainer(config, tmp_path)
+    passes = [run.evaluate("test"), run.evaluate("test")]
+    cut_short = run.steps.evaluate("test", 64)
+    next(cut_short)
+    cut_short.close()
+    passes.append(run.evaluate("test"))
+    for sums, labels, predictions in passes:
+        assert (sums.loss, sums.count) == (passes[0][0].loss, 360.0)
+        np.testing.assert_array_equal(labels, passes[0][1])
+        np.testing.assert_array_equal(predictions, passes[0][2])
+
+
 def test_the_cpu_bench_times_each_variant_of_a_case_over_the_same_steps():
     """`bench --suite=cpu`'s measurement, in-process on a 2-epoch digits_mlp: kerasbig's loop, fit, the bare step
     (also validating each epoch, and on a cached batch) each train the case's 38 steps in 38 executions and report
