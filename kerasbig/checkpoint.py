@@ -29,6 +29,7 @@ from kerasbig.errors import first_line
 
 PREFIX = "step-"
 WEIGHTS = "weights.safetensors"
+LEGACY_ARRAYS = "weights.npz"  # JAX runs' weights before safetensors: read, never written
 
 
 def folder(directory: pathlib.Path, step: int) -> pathlib.Path:
@@ -69,11 +70,13 @@ def model_state(model) -> dict:
     return {"weights": by_path(model.weights), "rng": [v for v in model.variables if id(v) not in weights]}
 
 
-def flat_state(model, optimizer=None) -> dict:
-    """{key: variable}: `model/weights/<path>`, `model/rng/<i>` and `optimizer/<path>`, the keys of both formats."""
+def flat_state(model, optimizer=None, *, rng: bool = True) -> dict:
+    """{key: variable}, a checkpoint's keys: `model/weights/<path>`, `model/rng/<i>` (without `rng`, none) and
+    `optimizer/<path>`."""
     state = model_state(model)
     flat = {f"model/weights/{path}": v for path, v in state["weights"].items()}
-    flat.update({f"model/rng/{i}": v for i, v in enumerate(state["rng"])})
+    if rng:
+        flat.update({f"model/rng/{i}": v for i, v in enumerate(state["rng"])})
     if optimizer is not None:
         flat.update({f"optimizer/{path}": v for path, v in by_path(optimizer.variables).items()})
     return flat
@@ -139,8 +142,8 @@ class StoredArrays:
             handle = safe_open(str(folder / WEIGHTS), framework="np")
             self._keys, self._get = set(handle.keys()), handle.get_tensor
             self._shape = lambda key: tuple(handle.get_slice(key).get_shape())
-        elif (folder / "weights.npz").is_file():
-            stored = np.load(folder / "weights.npz")
+        elif (folder / LEGACY_ARRAYS).is_file():
+            stored = np.load(folder / LEGACY_ARRAYS)
             self._keys, self._get, self.close = set(stored.files), stored.__getitem__, stored.close
             self._shape = lambda key: stored[key].shape
         elif (folder / "ckpt.index").is_file():
@@ -263,7 +266,7 @@ class Checkpoints:
                 if not (isinstance(state, dict) and state.get("step") == step and "complete" in state):
                     raise ValueError("state.json does not describe this checkpoint")
                 arrays = {}
-                for npz in (p for p in path.glob("*.npz") if p.name != "weights.npz"):  # the callbacks' arrays
+                for npz in (p for p in path.glob("*.npz") if p.name != LEGACY_ARRAYS):  # the callbacks' arrays
                     with np.load(npz) as data:
                         arrays[npz.stem] = [data[f"arr_{i}"] for i in range(len(data.files))]
                 self._weights.read(path)
@@ -283,6 +286,5 @@ def load_model_weights(directory: pathlib.Path, model) -> int:
     steps = saved_steps(pathlib.Path(directory))
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}")
-    Weights({f"model/weights/{path}": v for path, v in by_path(model.weights).items()}).read(
-        folder(directory, steps[-1]))
+    Weights(flat_state(model, rng=False)).read(folder(directory, steps[-1]))
     return steps[-1]
