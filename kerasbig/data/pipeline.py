@@ -15,24 +15,28 @@ import tensorflow as tf
 from kerasbig.data.spec import Task
 
 
-def _distribute(batches: tf.data.Dataset, task: Task, global_batch: int,
-                context: tf.distribute.InputContext | None) -> tf.data.Dataset:
-    """Keeps this input pipeline's slice of every global batch, preprocesses it, and yields it as one
-    batch per local replica, in replica order. The slice sizes are Python ints, so shapes stay static
-    (as TPUs need)."""
+def _local_batch(task: Task, global_batch: int, context: tf.distribute.InputContext | None):
+    """(prepare, replicas): `prepare(x, *rest)` keeps this input pipeline's slice of a global batch and
+    preprocesses it, as one [replicas, per-replica batch, ...] block when this pipeline feeds several local
+    replicas. The slice sizes are Python ints, so shapes stay static (as TPUs need)."""
     pipelines = context.num_input_pipelines if context else 1
     here = (context.num_replicas_in_sync if context else 1) // pipelines
     per_pipeline = global_batch // pipelines
     start = (context.input_pipeline_id if context else 0) * per_pipeline
 
     def per_replica(t):
-        return tf.reshape(t, tf.concat([[here, per_pipeline // here], tf.shape(t)[1:]], 0))
+        return tf.reshape(t, tf.concat([[here, per_pipeline // here], tf.shape(t)[1:]], 0)) if here > 1 else t
 
     def prepare(x, *rest):
         x, *rest = (tf.nest.map_structure(lambda t: t[start:start + per_pipeline], t) for t in (x, *rest))
         return tuple(tf.nest.map_structure(per_replica, t) for t in (task.preprocess(x), *rest))
 
-    return batches.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).unbatch().prefetch(tf.data.AUTOTUNE)
+    return prepare, here
+
+
+def _per_replica(batches: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
+    """The local batches as one element per local replica, in replica order, prefetched."""
+    return (batches.unbatch() if replicas > 1 else batches).prefetch(tf.data.AUTOTUNE)
 
 
 def train_batches(task: Task, *, global_batch: int, seed: int, start_step: int, total_steps: int,
@@ -50,25 +54,30 @@ def train_batches(task: Task, *, global_batch: int, seed: int, start_step: int, 
     n = task.num_examples["train"]
     used = steps_per_epoch(task, global_batch) * global_batch
     stored = next(iter(task.train.batch(n)))  # every stored example, each field a tensor of n rows
+    prepare, replicas = _local_batch(task, global_batch, context)
 
-    def pick(counters):
-        """Stored examples for a batch of run-wide example counters; a batch never straddles two epochs."""
-        epoch = counters[0] // used
-        indices = tf.random.experimental.index_shuffle(counters % used, tf.stack([tf.cast(seed, tf.int64), epoch]),
-                                                       tf.constant(n - 1, tf.int64))
+    def pick(step):
+        """The stored examples of `step`'s global batch; a batch never straddles two epochs."""
+        counters = step * global_batch + tf.range(global_batch, dtype=tf.int64)
+        indices = tf.random.experimental.index_shuffle(
+            counters % used, tf.stack([tf.cast(seed, tf.int64), counters[0] // used]), tf.constant(n - 1, tf.int64))
         return tf.nest.map_structure(lambda t: tf.gather(t, indices), stored)
 
-    counters = tf.data.Dataset.range(start_step * global_batch, total_steps * global_batch)
-    batches = counters.batch(global_batch, drop_remainder=True).map(pick)  # a whole number of batches
-    if task.load is not None:
-        batches = batches.unbatch().map(task.load, num_parallel_calls=tf.data.AUTOTUNE).batch(global_batch,
-                                                                                              drop_remainder=True)
-    if task.augment is not None:  # the whole global batch at once, seeded by its step
-        steps = tf.data.Dataset.range(start_step, total_steps)
-        batches = tf.data.Dataset.zip(steps, batches).map(
-            lambda step, batch: (task.augment(batch[0], tf.stack([tf.cast(seed, tf.int64), step])), *batch[1:]),
-            num_parallel_calls=tf.data.AUTOTUNE)
-    return _distribute(batches, task, global_batch, context)
+    def finish(step, batch):
+        """Augments a loaded global batch (the whole batch at once, seeded by its step) and makes it local."""
+        x, *rest = batch
+        if task.augment is not None:
+            x = task.augment(x, tf.stack([tf.cast(seed, tf.int64), step]))
+        return prepare(x, *rest)
+
+    steps = tf.data.Dataset.range(start_step, total_steps)
+    if task.load is None:  # a batch's whole work in one map: each tf.data stage costs tens of us of CPU a batch
+        batches = steps.map(lambda step: finish(step, pick(step)), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        loaded = steps.map(pick).unbatch().map(task.load, num_parallel_calls=tf.data.AUTOTUNE).batch(
+            global_batch, drop_remainder=True)
+        batches = tf.data.Dataset.zip(steps, loaded).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    return _per_replica(batches, replicas)
 
 
 def eval_batches(task: Task, split: str, *, global_batch: int,
@@ -79,7 +88,8 @@ def eval_batches(task: Task, split: str, *, global_batch: int,
     padding = (-task.num_examples[split]) % global_batch
     filler = examples.take(1).map(lambda x, y, w: (x, y, tf.constant(0.0))).repeat(padding)
     batches = examples.concatenate(filler).batch(global_batch, drop_remainder=True)
-    return _distribute(batches, task, global_batch, context)
+    prepare, replicas = _local_batch(task, global_batch, context)
+    return _per_replica(batches.map(prepare, num_parallel_calls=tf.data.AUTOTUNE), replicas)
 
 
 def steps_per_epoch(task: Task, global_batch: int) -> int:
