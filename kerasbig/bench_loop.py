@@ -6,18 +6,21 @@ stream), with the same optimizer, schedule, batch, steps and validation cadence,
   checkpoints, as `python -m kerasbig.train` runs it;
 - `fit`: `model.compile` + `model.fit(steps_per_epoch=..., validation_data=...)` with the same schedule as the
   optimizer's learning rate;
-- `step`: kerasbig's compiled multi-step function, with the same schedule, called in a bare loop (no callbacks,
-  validation or checkpoints): the floor;
-- `step_validated`: the same, stopping for the validation pass after each period as kerasbig and `fit` do: on
-  this 2-core machine any pause of ~0.1 s, even a sleep, leaves the next ~10 steps up to 2x slower (the bare step
-  on one cached batch too), so `kerasbig / step_validated` is what the loop itself costs;
-- `step_cached`: the bare step with one batch repeated from memory: the step without any input pipeline, so that
-  `step - step_cached` is what waiting for input costs.
-Each reports the training call's seconds, the median step time of the executions after the first (inside
-`on_train_batch_begin`..`end` for the loops with callbacks) and the seconds from process start to the end of the
-first step (start-up, tracing, compilation). `kerasbig` also reports the median share of its step time spent
-outside the compiled call (`TensorFlowSteps.train`): the loop's own work in a step, which the ratio of two noisy
-medians cannot resolve below a few percent.
+- `turns`: four loops in one process, each on its own copy of the model, taking turns period by period (a
+  turn is one epoch of steps and the work that ends it): kerasbig's loop as above; the bare step, kerasbig's
+  compiled multi-step function called in a plain loop with the same schedule (no callbacks, validation or
+  checkpoints), which is the floor; the bare step again, on a third copy; and the bare step on one batch
+  repeated from memory, the step without its input pipeline. On this machine a step's speed drifts by up to 2x
+  between seconds, so loops in separate processes, or one after another, cannot be compared to a few percent;
+  taking turns, all four are timed in the same stretch of time. What is left is that each copy of a model runs
+  at its own speed, a few percent apart, in every process: `bare again / bare`, two identical loops, shows how
+  far apart, so it is the resolution of the other two ratios, and the suite takes their medians over
+  processes. `kerasbig / bare` is what the loop adds to a step; `input wait`, 1 - cached / bare, is what
+  reading the input costs it (on 2 cores, the pipeline's CPU is taken from the step's).
+`kerasbig` and `fit` report the training call's seconds, the median step time of the executions after the first
+(inside `on_train_batch_begin`..`end`) and the seconds from process start to the end of the first step
+(start-up, tracing, compilation). `turns` reports each loop's median step time and, for kerasbig's loop, the
+median share of its step spent outside the compiled call (`TensorFlowSteps.train`).
 
     python -m kerasbig.bench_loop VARIANT CASE      # one measurement, a JSON line (what the suite runs)
 
@@ -30,10 +33,12 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import keras
@@ -45,7 +50,8 @@ from kerasbig.data import pipeline
 from kerasbig.train import CONFIGS, make_callbacks, make_optimizer, schedule_of
 from kerasbig.trainer import Trainer
 
-VARIANTS = ("kerasbig", "fit", "step", "step_validated", "step_cached")
+VARIANTS = ("kerasbig", "fit", "turns")
+LOOPS = ("kerasbig", "bare", "bare_again", "cached")  # the loops that take turns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,41 +95,140 @@ class StepTimes(keras.callbacks.Callback):
         self.first_end = self.first_end or time.time()
 
 
-def measure(variant: str, case: LoopCase) -> dict:
-    """One variant of one case, in this process."""
+class Turns:
+    """Loops on threads of one process running one at a time: `wait(name)` blocks until it is `name`'s turn,
+    `done(name)` hands the turn on, `finished(name)` leaves the rotation. The turns go in rounds, every loop once a
+    round, each round in a new random order: what runs just before a step changes its speed by several percent
+    here (caches, thread pools), so no loop may always follow the same one."""
+
+    def __init__(self, names, seed: int | None = None):
+        self._loops, self._round, self._random = list(names), [], random.Random(seed)
+        self.taken = {name: 0 for name in names}  # turns each loop has had
+        self._changed = threading.Condition()
+        self._current = self._next()
+
+    def _next(self) -> str | None:
+        if not self._round:
+            self._round = self._random.sample(self._loops, len(self._loops))
+        if not self._round:
+            return None
+        name = self._round.pop()
+        self.taken[name] += 1
+        return name
+
+    def wait(self, name: str) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._current == name)
+
+    def done(self, name: str) -> None:
+        with self._changed:
+            self._current = self._next()
+            self._changed.notify_all()
+
+    def finished(self, name: str) -> None:
+        with self._changed:
+            self._loops.remove(name)
+            if name in self._round:
+                self._round.remove(name)
+            if self._current == name:
+                self._current = self._next()
+            self._changed.notify_all()
+
+
+class TurnTimes(StepTimes):
+    """StepTimes that end the loop's turn where each period (epoch) after the first begins, and wait for its next:
+    a turn is one period of steps and the work that closes it (kerasbig's validation, callbacks, checkpoint)."""
+
+    def __init__(self, turns: Turns, name: str):
+        super().__init__()
+        self.turns, self.name = turns, name
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.spans:
+            self.turns.done(self.name)
+            self.turns.wait(self.name)
+
+
+def _setup(case: LoopCase):
     if case.replicas > 1:
         distribute.split_cpu(case.replicas)
-    keras.utils.set_random_seed(0)
     config = _config(case)
     strategy = distribute.make("mirrored" if case.replicas > 1 else "one_device", num_cpu_replicas=case.replicas)
-    task = data.load_task(config.data)
+    return config, strategy, data.load_task(config.data)
+
+
+def _trainer(config, strategy, task, workdir: str) -> Trainer:
+    keras.utils.set_random_seed(0)  # every variant and loop starts from the same weights
     with strategy.scope():
         model = models.build(task.spec, config.model)
         optimizer = make_optimizer(config, model=model)
+    return Trainer(model, optimizer, task, strategy, config, pathlib.Path(workdir))
+
+
+def _kerasbig(trainer: Trainer, timer: StepTimes, replicas: int) -> None:
+    config, workdir = trainer.config, trainer.workdir
+    callbacks = make_callbacks(config, workdir, task=trainer.task, total_steps=trainer.total_steps,
+                               flops_per_step=None,
+                               run_info={"seed": 0, "mixed_precision": "float32", "replicas": replicas},
+                               validation_predictions=trainer.latest_validation)
+    trainer.fit([*callbacks, timer], verbose=False)
+
+
+def measure(variant: str, case: LoopCase) -> dict:
+    """One variant of one case, in this process."""
+    if variant == "turns":
+        return measure_turns(case)
+    config, strategy, task = _setup(case)
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(model, optimizer, task, strategy, config, pathlib.Path(workdir))
-        spe, steps = config.train.steps_per_execution, trainer.total_steps
+        trainer = _trainer(config, strategy, task, workdir)
         timer = StepTimes()
-        calls = []
         start = time.perf_counter()
         if variant == "kerasbig":
-            trainer.steps.train = _timed(trainer.steps.train, calls)
-            callbacks = make_callbacks(config, pathlib.Path(workdir), task=task, total_steps=steps, flops_per_step=None,
-                                       run_info={"seed": 0, "mixed_precision": "float32", "replicas": case.replicas},
-                                       validation_predictions=trainer.latest_validation)
-            trainer.fit([*callbacks, timer], verbose=False)
-        elif variant == "fit":
-            _fit(model, optimizer, task, config, trainer, strategy, timer)
+            _kerasbig(trainer, timer, case.replicas)
         else:
-            _bare_steps(trainer, steps, spe, cached=variant == "step_cached", validated=variant == "step_validated",
-                        timer=timer)
+            _fit(trainer, timer)
         seconds = time.perf_counter() - start
-    per_execution = statistics.median(timer.spans[1:]) if len(timer.spans) > 1 else float("nan")
-    result = {"seconds": seconds, "step_ms": 1e3 * per_execution / spe, "first_step_end": timer.first_end,
-              "steps": steps, "executions": len(timer.spans)}
-    if variant == "kerasbig":  # each execution's span holds one compiled call
-        result["outside_step"] = statistics.median(1 - call / span for call, span in zip(calls[1:], timer.spans[1:]))
-    return result
+    return {"seconds": seconds, "step_ms": _step_ms(timer, config), "first_step_end": timer.first_end,
+            "steps": trainer.total_steps, "executions": len(timer.spans)}
+
+
+def _step_ms(timer: StepTimes, config) -> float:
+    """The median step time of the executions after the first (tracing and compilation)."""
+    spans = timer.spans[1:]
+    return 1e3 * statistics.median(spans) / config.train.steps_per_execution if spans else float("nan")
+
+
+def measure_turns(case: LoopCase) -> dict:
+    """kerasbig's loop, the bare step (twice) and the bare step on a cached batch, taking turns in this process."""
+    config, strategy, task = _setup(case)
+    turns, errors, calls = Turns(LOOPS), [], []
+    timers = {name: TurnTimes(turns, name) for name in LOOPS}
+    with tempfile.TemporaryDirectory() as workdir:
+        trainers = {name: _trainer(config, strategy, task, f"{workdir}/{name}") for name in LOOPS}
+        trainers["kerasbig"].steps.train = _timed(trainers["kerasbig"].steps.train, calls)
+
+        def run(name):
+            try:
+                turns.wait(name)
+                if name == "kerasbig":
+                    _kerasbig(trainers[name], timers[name], case.replicas)
+                else:  # "bare", "bare_again", "cached"
+                    _bare_steps(trainers[name], timers[name], cached=name == "cached")
+            except BaseException as err:  # noqa: BLE001 - raised again below, on the main thread
+                errors.append(err)
+            finally:
+                turns.finished(name)
+        threads = [threading.Thread(target=run, args=(name,), name=name) for name in LOOPS]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    spans = timers["kerasbig"].spans
+    return {**{f"{name}_ms": _step_ms(timers[name], config) for name in LOOPS},
+            "outside_step": statistics.median(1 - call / span for call, span in zip(calls[1:], spans[1:])),
+            "executions": {name: len(timer.spans) for name, timer in timers.items()}, "turns": turns.taken}
 
 
 def _timed(function, durations: list):
@@ -136,9 +241,10 @@ def _timed(function, durations: list):
     return timed
 
 
-def _fit(model, optimizer, task, config, trainer: Trainer, strategy, timer: StepTimes) -> None:
+def _fit(trainer: Trainer, timer: StepTimes) -> None:
     """Plain Keras: the same schedule as the optimizer's rate, the same batches, validation each period."""
-    with strategy.scope():
+    model, optimizer, task, config = trainer.model, trainer.optimizer, trainer.task, trainer.config
+    with trainer.strategy.scope():
         optimizer.learning_rate = schedule_of(config, trainer.total_steps)
         if config.optimizer.clip_norm:
             optimizer.global_clipnorm = config.optimizer.clip_norm
@@ -153,8 +259,10 @@ def _fit(model, optimizer, task, config, trainer: Trainer, strategy, timer: Step
               callbacks=[timer], verbose=0)
 
 
-def _bare_steps(trainer: Trainer, steps: int, spe: int, *, cached: bool, validated: bool, timer: StepTimes) -> None:
+def _bare_steps(trainer: Trainer, timer: StepTimes, *, cached: bool) -> None:
+    steps, spe = trainer.total_steps, trainer.config.train.steps_per_execution
     trainer.optimizer.learning_rate = schedule_of(trainer.config, steps)  # kerasbig's step computes it too
+
     def dataset_fn(context):
         stream = pipeline.train_batches(trainer.task, global_batch=trainer.global_batch, seed=0, start_step=0,
                                         total_steps=steps, context=context)
@@ -162,13 +270,13 @@ def _bare_steps(trainer: Trainer, steps: int, spe: int, *, cached: bool, validat
     iterator = iter(trainer.strategy.distribute_datasets_from_function(dataset_fn))
     done = 0
     while done < steps:
+        if done % trainer.period == 0:
+            timer.on_epoch_begin(done // trainer.period)
         n = min(spe, steps - done, trainer.period - done % trainer.period)  # executions end where periods do
         timer.on_train_batch_begin(done)
         trainer.steps.train(iterator, n, False)
         timer.on_train_batch_end(done)
         done += n
-        if validated and (done % trainer.period == 0 or done == steps):
-            trainer.evaluate("validation")
 
 
 def suite(cases: list[str], repeats: int = 3) -> list[dict]:
@@ -184,7 +292,8 @@ def suite(cases: list[str], repeats: int = 3) -> list[dict]:
                 if result.returncode:
                     raise RuntimeError(f"{name} {variant}: {result.stderr.strip().splitlines()[-1:]}")
                 measured = json.loads(result.stdout.strip().splitlines()[-1])
-                measured["first_step_s"] = measured.pop("first_step_end") - spawned
+                if "first_step_end" in measured:
+                    measured["first_step_s"] = measured.pop("first_step_end") - spawned
                 runs[variant].append(measured)
         rows.append(_row(name, runs))
         print(json.dumps(rows[-1]), flush=True)  # each case as it completes: the suite takes a while
@@ -195,27 +304,24 @@ def _row(name: str, runs: dict[str, list[dict]]) -> dict:
     def median(variant, key):
         return statistics.median(run[key] for run in runs[variant])
 
-    def best(variant, key):  # the process the machine disturbed least
-        return min(run[key] for run in runs[variant])
-
     def spread(variant, key):
         values = [run[key] for run in runs[variant]]
         return (max(values) - min(values)) / statistics.median(values)
 
-    ratio, percent = "{:.2f}".format, "{:.0%}".format  # the table's one decimal would hide them
+    def per_process(ratio, form: str) -> str:  # each `turns` process's own ratio: the median, and their range
+        values = sorted(ratio(run) for run in runs["turns"])
+        return f"{statistics.median(values):{form}} ({values[0]:{form}} to {values[-1]:{form}})"
     return {
         "case": name, "steps": runs["kerasbig"][0]["steps"],
         "kerasbig (s)": median("kerasbig", "seconds"), "fit (s)": median("fit", "seconds"),
-        "kerasbig / fit": ratio(median("kerasbig", "seconds") / median("fit", "seconds")),
-        "spread": percent(max(spread("kerasbig", "seconds"), spread("fit", "seconds"))),
+        "kerasbig / fit": f"{median('kerasbig', 'seconds') / median('fit', 'seconds'):.2f}",
+        "spread": f"{max(spread('kerasbig', 'seconds'), spread('fit', 'seconds')):.0%}",
         "step ms: kerasbig": median("kerasbig", "step_ms"), "fit": median("fit", "step_ms"),
-        "bare": median("step", "step_ms"),
-        "kerasbig / bare": ratio(median("kerasbig", "step_ms") / median("step", "step_ms")),
-        "best of each": ratio(best("kerasbig", "step_ms") / best("step", "step_ms")),
-        "bare, validating": median("step_validated", "step_ms"),
-        "kerasbig / bare validating": ratio(median("kerasbig", "step_ms") / median("step_validated", "step_ms")),
-        "input wait": "{:.1%}".format(max(0.0, 1 - median("step_cached", "step_ms") / median("step", "step_ms"))),
-        "loop outside step": "{:.1%}".format(median("kerasbig", "outside_step")),
+        "turns: kerasbig": median("turns", "kerasbig_ms"), "bare": median("turns", "bare_ms"),
+        "kerasbig / bare": per_process(lambda run: run["kerasbig_ms"] / run["bare_ms"], ".3f"),
+        "bare again / bare": per_process(lambda run: run["bare_again_ms"] / run["bare_ms"], ".3f"),
+        "input wait": per_process(lambda run: 1 - run["cached_ms"] / run["bare_ms"], ".1%"),
+        "loop outside step": f"{median('turns', 'outside_step'):.1%}",
         "first step (s)": median("kerasbig", "first_step_s"), "fit first step (s)": median("fit", "first_step_s"),
     }
 
