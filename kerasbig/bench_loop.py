@@ -6,17 +6,19 @@ stream), with the same optimizer, schedule, batch, steps and validation cadence,
   checkpoints, as `python -m kerasbig.train` runs it;
 - `fit`: `model.compile` + `model.fit(steps_per_epoch=..., validation_data=...)` with the same schedule as the
   optimizer's learning rate;
-- `turns`: four loops in one process, each on its own copy of the model, taking turns period by period (a
-  turn is one epoch of steps and the work that ends it): kerasbig's loop as above; the bare step, kerasbig's
-  compiled multi-step function called in a plain loop with the same schedule (no callbacks, validation or
-  checkpoints), which is the floor; the bare step again, on a third copy; and the bare step on one batch
-  repeated from memory, the step without its input pipeline. On this machine a step's speed drifts by up to 2x
-  between seconds, so loops in separate processes, or one after another, cannot be compared to a few percent;
-  taking turns, all four are timed in the same stretch of time. What is left is that each copy of a model runs
-  at its own speed, a few percent apart, in every process: `bare again / bare`, two identical loops, shows how
-  far apart, so it is the resolution of the other two ratios, and the suite takes their medians over
-  processes. `kerasbig / bare` is what the loop adds to a step; `input wait`, 1 - cached / bare, is what
-  reading the input costs it (on 2 cores, the pipeline's CPU is taken from the step's).
+- `turns`: four loops in one process on one model, taking turns period by period (a turn is one epoch of steps
+  and the work that ends it): kerasbig's loop as above; the bare step, kerasbig's own compiled multi-step call
+  in a plain loop (no callbacks, validation or checkpoints) with an input iterator of its own, which is the
+  floor; the same bare loop again; and the bare step on one batch repeated from memory, the step without its
+  input pipeline. On this machine a step's speed drifts by up to 2x between seconds, and two copies of a model
+  run a few percent apart in any process, so loops in separate processes, one after another or on copies
+  cannot be compared to a few percent. Taking turns on the same variables and the same compiled function, the
+  four differ only in their loops and inputs. (They all train the one model, so it takes 4x the steps: the
+  numbers are not a run's, the step's cost is.) `bare again / bare`, two identical loops, is the method's
+  resolution: each loop still runs at a speed of its own, a few percent apart, so the floor is the mean of the
+  two. `kerasbig / bare` is what the loop adds to a step; `input wait`, 1 - cached / bare, is what reading the
+  input costs it (on 2 cores, the pipeline's CPU is taken from the step's). The suite gives their
+  medians and ranges over processes.
 `kerasbig` and `fit` report the training call's seconds, the median step time of the executions after the first
 (inside `on_train_batch_begin`..`end`) and the seconds from process start to the end of the first step
 (start-up, tracing, compilation). `turns` reports each loop's median step time and, for kerasbig's loop, the
@@ -98,14 +100,15 @@ class StepTimes(keras.callbacks.Callback):
 class Turns:
     """Loops on threads of one process running one at a time: `wait(name)` blocks until it is `name`'s turn,
     `done(name)` hands the turn on, `finished(name)` leaves the rotation. The turns go in rounds, every loop once a
-    round, each round in a new random order: what runs just before a step changes its speed by several percent
-    here (caches, thread pools), so no loop may always follow the same one."""
+    round: the first loop named first, then each round in a new random order. What runs just before a step
+    changes its speed by several percent here (caches, thread pools), so no loop may always follow the same one."""
 
     def __init__(self, names, seed: int | None = None):
-        self._loops, self._round, self._random = list(names), [], random.Random(seed)
-        self.taken = {name: 0 for name in names}  # turns each loop has had
+        self._loops, self._random = list(names), random.Random(seed)
+        self._round = self._random.sample(self._loops[1:], len(self._loops) - 1)  # the first loop goes first
+        self.taken = {name: 1 if name == names[0] else 0 for name in names}  # turns each loop has had
         self._changed = threading.Condition()
-        self._current = self._next()
+        self._current = names[0]
 
     def _next(self) -> str | None:
         if not self._round:
@@ -199,21 +202,23 @@ def _step_ms(timer: StepTimes, config) -> float:
 
 
 def measure_turns(case: LoopCase) -> dict:
-    """kerasbig's loop, the bare step (twice) and the bare step on a cached batch, taking turns in this process."""
+    """kerasbig's loop, the bare step (twice) and the bare step on a cached batch, taking turns in this process on
+    one model: the bare loops call kerasbig's own compiled step, each with its own input iterator."""
     config, strategy, task = _setup(case)
     turns, errors, calls = Turns(LOOPS), [], []
     timers = {name: TurnTimes(turns, name) for name in LOOPS}
     with tempfile.TemporaryDirectory() as workdir:
-        trainers = {name: _trainer(config, strategy, task, f"{workdir}/{name}") for name in LOOPS}
-        trainers["kerasbig"].steps.train = _timed(trainers["kerasbig"].steps.train, calls)
+        trainer = _trainer(config, strategy, task, workdir)
+        train = trainer.steps.train
+        trainer.steps.train = _timed(train, calls)  # kerasbig's calls only
 
         def run(name):
             try:
                 turns.wait(name)
                 if name == "kerasbig":
-                    _kerasbig(trainers[name], timers[name], case.replicas)
+                    _kerasbig(trainer, timers[name], case.replicas)
                 else:  # "bare", "bare_again", "cached"
-                    _bare_steps(trainers[name], timers[name], cached=name == "cached")
+                    _bare_steps(trainer, train, timers[name], cached=name == "cached")
             except BaseException as err:  # noqa: BLE001 - raised again below, on the main thread
                 errors.append(err)
             finally:
@@ -259,7 +264,8 @@ def _fit(trainer: Trainer, timer: StepTimes) -> None:
               callbacks=[timer], verbose=0)
 
 
-def _bare_steps(trainer: Trainer, timer: StepTimes, *, cached: bool) -> None:
+def _bare_steps(trainer: Trainer, train, timer: StepTimes, *, cached: bool) -> None:
+    """`train` (the trainer's `steps.train`) called in a plain loop over the trainer's steps and periods."""
     steps, spe = trainer.total_steps, trainer.config.train.steps_per_execution
     trainer.optimizer.learning_rate = schedule_of(trainer.config, steps)  # kerasbig's step computes it too
 
@@ -274,7 +280,7 @@ def _bare_steps(trainer: Trainer, timer: StepTimes, *, cached: bool) -> None:
             timer.on_epoch_begin(done // trainer.period)
         n = min(spe, steps - done, trainer.period - done % trainer.period)  # executions end where periods do
         timer.on_train_batch_begin(done)
-        trainer.steps.train(iterator, n, False)
+        train(iterator, n, False)
         timer.on_train_batch_end(done)
         done += n
 
@@ -308,6 +314,9 @@ def _row(name: str, runs: dict[str, list[dict]]) -> dict:
         values = [run[key] for run in runs[variant]]
         return (max(values) - min(values)) / statistics.median(values)
 
+    def floor(run):  # both bare loops: each loop runs at its own speed, a few percent apart (`bare again / bare`)
+        return (run["bare_ms"] + run["bare_again_ms"]) / 2
+
     def per_process(ratio, form: str) -> str:  # each `turns` process's own ratio: the median, and their range
         values = sorted(ratio(run) for run in runs["turns"])
         return f"{statistics.median(values):{form}} ({values[0]:{form}} to {values[-1]:{form}})"
@@ -318,9 +327,10 @@ def _row(name: str, runs: dict[str, list[dict]]) -> dict:
         "spread": f"{max(spread('kerasbig', 'seconds'), spread('fit', 'seconds')):.0%}",
         "step ms: kerasbig": median("kerasbig", "step_ms"), "fit": median("fit", "step_ms"),
         "turns: kerasbig": median("turns", "kerasbig_ms"), "bare": median("turns", "bare_ms"),
-        "kerasbig / bare": per_process(lambda run: run["kerasbig_ms"] / run["bare_ms"], ".3f"),
+        "bare again": median("turns", "bare_again_ms"),
         "bare again / bare": per_process(lambda run: run["bare_again_ms"] / run["bare_ms"], ".3f"),
-        "input wait": per_process(lambda run: 1 - run["cached_ms"] / run["bare_ms"], ".1%"),
+        "kerasbig / bare": per_process(lambda run: run["kerasbig_ms"] / floor(run), ".3f"),
+        "input wait": per_process(lambda run: 1 - run["cached_ms"] / floor(run), ".1%"),
         "loop outside step": f"{median('turns', 'outside_step'):.1%}",
         "first step (s)": median("kerasbig", "first_step_s"), "fit first step (s)": median("fit", "first_step_s"),
     }
