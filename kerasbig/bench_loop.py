@@ -273,7 +273,7 @@ def _bare_steps(trainer: Trainer, train, timer: StepTimes, *, cached: bool) -> N
         stream = pipeline.train_batches(trainer.task, global_batch=trainer.global_batch, seed=0, start_step=0,
                                         total_steps=steps, context=context)
         return stream.take(1).cache().repeat() if cached else stream
-    iterator = iter(trainer.strategy.distribute_datasets_from_function(dataset_fn))
+    iterator = trainer.steps.iterator(dataset_fn)
     done = 0
     while done < steps:
         if done % trainer.period == 0:

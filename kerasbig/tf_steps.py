@@ -8,6 +8,7 @@ on one device, Mirrored, MultiWorkerMirrored and TPU strategies.
 from __future__ import annotations
 
 import contextlib
+from typing import Iterator
 
 import keras
 import numpy as np
@@ -43,7 +44,7 @@ class TensorFlowSteps:
         self._train_fn = self._make_train_function()
         self._eval_fn = self._make_eval_function()
         self._all_finite = self._make_finite_check()
-        self._eval_iterators: dict[tuple[str, int], tf.distribute.DistributedIterator] = {}
+        self._eval_iterators: dict[tuple[str, int], Iterator] = {}
         self._argument_tensors: dict[tuple[int, bool], tuple[tf.Tensor, tf.Tensor]] = {}
 
     # ---- what the loop calls ------------------------------------------------------------------------
@@ -55,6 +56,14 @@ class TensorFlowSteps:
         def dataset_fn(context):
             return pipeline.train_batches(self.task, global_batch=self.config.data.batch_size, seed=self.seed,
                                           start_step=start_step, total_steps=total_steps, context=context)
+        return self.iterator(dataset_fn)
+
+    def iterator(self, dataset_fn):
+        """An iterator over the datasets `dataset_fn(input context)` makes, in the form the steps take. One CPU
+        replica reads its dataset directly: the distributed iterator of a OneDeviceStrategy cost ~0.3 ms a step
+        on this 2-core machine (1.60 against 1.31 ms for digits_mlp's step)."""
+        if isinstance(self.strategy, tf.distribute.OneDeviceStrategy) and not self.accelerated:
+            return iter(dataset_fn(None))
         return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
 
     def train(self, iterator, steps: int, sigterm: bool) -> np.ndarray:
@@ -203,12 +212,12 @@ class TensorFlowSteps:
                      if keras.backend.is_float_dtype(v.dtype)]
         return tf.function(lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
 
-    def _eval_iterator(self, split: str, batch_size: int) -> tf.distribute.DistributedIterator:
+    def _eval_iterator(self, split: str, batch_size: int):
         """One iterator over the distributed batches of `split`, repeated, for every evaluation: making an iterator
         of a distributed dataset takes ~85 ms, most of a validation pass on digits."""
         if (split, batch_size) not in self._eval_iterators:
             def dataset_fn(context):
                 return pipeline.eval_batches(self.task, split, global_batch=batch_size, context=context).repeat()
-            self._eval_iterators[split, batch_size] = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+            self._eval_iterators[split, batch_size] = self.iterator(dataset_fn)
         return self._eval_iterators[split, batch_size]
 
