@@ -265,15 +265,16 @@ def _fit(trainer: Trainer, timer: StepTimes) -> None:
 
 
 def _bare_steps(trainer: Trainer, train, timer: StepTimes, *, cached: bool) -> None:
-    """`train` (the trainer's `steps.train`) called in a plain loop over the trainer's steps and periods."""
+    """`train` (the trainer's `steps.train`) called in a plain loop over the trainer's steps and periods, on an
+    iterator like kerasbig's own, or on its first batch repeated from memory. The learning-rate schedule is the
+    one kerasbig's loop installed: it takes the first turn."""
     steps, spe = trainer.total_steps, trainer.config.train.steps_per_execution
-    trainer.optimizer.learning_rate = schedule_of(trainer.config, steps)  # kerasbig's step computes it too
-
-    def dataset_fn(context):
-        stream = pipeline.train_batches(trainer.task, global_batch=trainer.global_batch, seed=0, start_step=0,
-                                        total_steps=steps, context=context)
-        return stream.take(1).cache().repeat() if cached else stream
-    iterator = trainer.steps.iterator(dataset_fn)
+    if cached:
+        iterator = trainer.steps.iterator(lambda context: pipeline.train_batches(
+            trainer.task, global_batch=trainer.global_batch, seed=trainer.seed, start_step=0, total_steps=steps,
+            context=context).take(1).cache().repeat())
+    else:
+        iterator = trainer.steps.train_iterator(0, steps)
     done = 0
     while done < steps:
         if done % trainer.period == 0:

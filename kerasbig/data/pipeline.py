@@ -34,7 +34,7 @@ def _local_batch(task: Task, global_batch: int, context: tf.distribute.InputCont
     return prepare, here
 
 
-def _per_replica(batches: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
+def _replica_elements(batches: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
     """The local batches as one element per local replica, in replica order, prefetched."""
     return (batches.unbatch() if replicas > 1 else batches).prefetch(tf.data.AUTOTUNE)
 
@@ -77,7 +77,7 @@ def train_batches(task: Task, *, global_batch: int, seed: int, start_step: int, 
         loaded = steps.map(pick).unbatch().map(task.load, num_parallel_calls=tf.data.AUTOTUNE).batch(
             global_batch, drop_remainder=True)
         batches = tf.data.Dataset.zip(steps, loaded).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
-    return _per_replica(batches, replicas)
+    return _replica_elements(batches, replicas)
 
 
 def eval_batches(task: Task, split: str, *, global_batch: int,
@@ -89,7 +89,7 @@ def eval_batches(task: Task, split: str, *, global_batch: int,
     filler = examples.take(1).map(lambda x, y, w: (x, y, tf.constant(0.0))).repeat(padding)
     batches = examples.concatenate(filler).batch(global_batch, drop_remainder=True)
     prepare, replicas = _local_batch(task, global_batch, context)
-    return _per_replica(batches.map(prepare, num_parallel_calls=tf.data.AUTOTUNE), replicas)
+    return _replica_elements(batches.map(prepare, num_parallel_calls=tf.data.AUTOTUNE), replicas)
 
 
 def steps_per_epoch(task: Task, global_batch: int) -> int:
