@@ -16,9 +16,9 @@ stream), with the same optimizer, schedule, batch, steps and validation cadence,
   four differ only in their loops and inputs. (They all train the one model, so it takes 4x the steps: the
   numbers are not a run's, the step's cost is.) `bare again / bare`, two identical loops, is the method's
   resolution: each loop still runs at a speed of its own, a few percent apart, so the floor is the mean of the
-  two. `kerasbig / bare` is what the loop adds to a step; `input wait`, 1 - cached / bare, is what reading the
-  input costs it (on 2 cores, the pipeline's CPU is taken from the step's). The suite gives their
-  medians and ranges over processes.
+  two. `kerasbig / bare` is what the loop adds to a step; `input wait`, 1 - cached / bare, is what making the
+  input costs it: one CPU replica's batch ops inside the step, or on several replicas the tf.data pipeline's
+  CPU, which on 2 cores is taken from the step's. The suite gives their medians and ranges over processes.
 `kerasbig` and `fit` report the training call's seconds, the median step time of the executions after the first
 (inside `on_train_batch_begin`..`end`) and the seconds from process start to the end of the first step
 (start-up, tracing, compilation). `turns` reports each loop's median step time and, for kerasbig's loop, the
@@ -269,12 +269,14 @@ def _bare_steps(trainer: Trainer, train, timer: StepTimes, *, cached: bool) -> N
     iterator like kerasbig's own, or on its first batch repeated from memory. The learning-rate schedule is the
     one kerasbig's loop installed: it takes the first turn."""
     steps, spe = trainer.total_steps, trainer.config.train.steps_per_execution
-    if cached:
+    iterator = trainer.steps.train_iterator(0, steps)
+    if cached and isinstance(iterator, pipeline.StepBatches):  # the batch made once, outside the step
+        first = next(iterator)
+        iterator = pipeline.StepBatches(lambda step: first, 0)
+    elif cached:
         iterator = trainer.steps.iterator(lambda context: pipeline.train_batches(
             trainer.task, global_batch=trainer.global_batch, seed=trainer.seed, start_step=0, total_steps=steps,
             context=context).take(1).cache().repeat())
-    else:
-        iterator = trainer.steps.train_iterator(0, steps)
     done = 0
     while done < steps:
         if done % trainer.period == 0:

@@ -69,8 +69,9 @@ def test_inputs_are_built_once_per_run_and_cadences_follow_steps(tmp_path, monke
     """Three epochs of data (4 steps each) with evaluation every 5 steps and checkpoints every 3: the training
     input is built once, the validation input once, and evaluations and checkpoints land on their steps, not on
     the data's epoch boundaries."""
-    train_inputs, eval_inputs = Counting(pipeline.train_batches), Counting(pipeline.eval_batches)
-    monkeypatch.setattr(pipeline, "train_batches", train_inputs)
+    train_inputs, eval_inputs = Counting(pipeline.step_batches), Counting(pipeline.eval_batches)
+    monkeypatch.setattr(pipeline, "step_batches", train_inputs)  # one CPU replica: batches made in the step
+    monkeypatch.setattr(pipeline, "train_batches", Counting(pipeline.train_batches))
     monkeypatch.setattr(pipeline, "eval_batches", eval_inputs)
     evaluated = []
     record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: evaluated.append(
@@ -80,7 +81,7 @@ def test_inputs_are_built_once_per_run_and_cadences_follow_steps(tmp_path, monke
     model = run.model
     run.fit([record], verbose=False)
 
-    assert len(train_inputs.calls) == 1 and eval_inputs.calls == ["validation"]
+    assert len(train_inputs.calls) == 1 and not pipeline.train_batches.calls and eval_inputs.calls == ["validation"]
     assert evaluated == [(5, True), (10, True), (12, True)]
     assert saved_steps(tmp_path / "checkpoints") == [3, 5, 6, 9, 10, 12]
 
@@ -116,6 +117,16 @@ def test_executions_read_nothing_back_but_their_sums_and_evaluate_the_schedule_o
     assert state["complete"] and sorted(checkpoint_weights(tmp_path)) == sorted(v.path for v in run.model.variables)
 
 
+def test_each_training_iterator_traces_a_compiled_step_of_its_own():
+    """An iterator of batches made in the step traces the train function anew (the bench's four loops make four).
+    Its XLA-compiled step captures the learning rate that trace evaluated, so each trace makes its own: a step
+    shared with an earlier trace reads a tensor of that trace's graph ("out of scope") and cannot run."""
+    from kerasbig import bench_loop
+
+    turns = bench_loop.measure("turns", bench_loop.LoopCase("digits_mlp", {"epochs": 1, "jit_compile": True}))
+    assert turns["executions"] == {loop: 5 for loop in bench_loop.LOOPS}  # 19 steps, 4 an execution
+
+
 def test_a_resumed_stream_continues_with_the_same_batches(tmp_path):
     """The stream from step k is the tail of the stream from step 0, across epoch boundaries and reshuffles."""
     task = load_digits(augment=True)
@@ -127,6 +138,22 @@ def test_a_resumed_stream_continues_with_the_same_batches(tmp_path):
     for a, b in zip(whole[6:], resumed):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(whole[0], whole[4])  # epoch 2 is another permutation of the same examples
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_batches_made_inside_the_step_are_the_pipelines_batches(augment):
+    """One CPU replica's batches, made in the compiled step from a step counter (`StepBatches`), are the tf.data
+    pipeline's, value for value, from a resume mid-epoch across two reshuffles, in a tf.function and eagerly."""
+    task = load_digits(augment=augment)  # 1,257 examples: 4 steps of 256 an epoch
+    stream = dict(global_batch=256, seed=3)
+    expected = list(pipeline.train_batches(task, start_step=2, total_steps=11, **stream))
+    in_step = pipeline.step_batches(task, start_step=2, **stream)
+    traced = tf.function(lambda: next(in_step))
+    made = [traced() if k % 3 else next(in_step) for k in range(9)]
+    assert len(expected) == len(made) == 9 and int(in_step.next_step.numpy()) == 11
+    for (x, y), (made_x, made_y) in zip(expected, made):
+        np.testing.assert_array_equal(x.numpy(), made_x.numpy())
+        np.testing.assert_array_equal(y.numpy(), made_y.numpy())
 
 
 def test_every_epoch_draws_distinct_examples_in_a_new_order():
@@ -201,8 +228,9 @@ def test_evaluations_reuse_one_iterator_and_a_pass_cut_short_does_not_shift_the_
 
 def test_the_cpu_bench_times_each_variant_of_a_case_over_the_same_steps():
     """`bench --suite=cpu`'s measurements, in-process on a 2-epoch digits_mlp: kerasbig's loop and fit each train
-    the case's 38 steps in 38 executions and report positive times; in `turns`, kerasbig's loop, the bare step
-    (twice) and the cached bare step each run 38 executions, kerasbig's loop spends part of each step outside the
+    the case's 38 steps in 10 executions (4 steps each, ending where the 19-step epochs do) and report positive
+    times; in `turns`, kerasbig's loop, the bare step (twice) and the cached bare step each run 10 executions,
+    kerasbig's loop spends part of each step outside the
     compiled call (and less than half), and the row's ratios are those of the loops' step times."""
     from kerasbig import bench_loop
 
@@ -210,10 +238,10 @@ def test_the_cpu_bench_times_each_variant_of_a_case_over_the_same_steps():
     runs = {variant: [bench_loop.measure(variant, case)] for variant in bench_loop.VARIANTS}
     for variant in ("kerasbig", "fit"):
         (run,) = runs[variant]
-        assert run["steps"] == run["executions"] == 38 and run["seconds"] > 0 and run["step_ms"] > 0, (variant, run)
+        assert (run["steps"], run["executions"]) == (38, 10) and run["seconds"] > 0 and run["step_ms"] > 0, (variant, run)
         run["first_step_s"] = 1.0
     (turns,) = runs["turns"]
-    assert turns["executions"] == {"kerasbig": 38, "bare": 38, "bare_again": 38, "cached": 38}
+    assert turns["executions"] == {"kerasbig": 10, "bare": 10, "bare_again": 10, "cached": 10}
     assert turns["turns"] == {"kerasbig": 2, "bare": 2, "bare_again": 2, "cached": 2}  # one an epoch
     assert all(turns[f"{loop}_ms"] > 0 for loop in bench_loop.LOOPS) and 0 < turns["outside_step"] < 0.5
     row = bench_loop._row("digits_mlp", runs)

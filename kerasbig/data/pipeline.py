@@ -1,4 +1,5 @@
-"""tf.data input pipelines for training and evaluation under any tf.distribute strategy.
+"""tf.data input pipelines for training and evaluation under any tf.distribute strategy, and the same training
+batches made inside the compiled step for one CPU replica (`StepBatches`).
 
 Sharding is explicit rather than left to tf.data's auto-shard (which would shard in-memory data by FILE and
 fail): every input pipeline builds the same globally shuffled stream of *global* batches and keeps only its own
@@ -9,6 +10,8 @@ is that every worker reads the whole stream: right for the in-memory datasets he
 dataset, shard its files instead.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import tensorflow as tf
 
@@ -28,7 +31,8 @@ def _local_batch(task: Task, global_batch: int, context: tf.distribute.InputCont
         return tf.reshape(t, tf.concat([[here, per_pipeline // here], tf.shape(t)[1:]], 0)) if here > 1 else t
 
     def prepare(x, *rest):
-        x, *rest = (tf.nest.map_structure(lambda t: t[start:start + per_pipeline], t) for t in (x, *rest))
+        if pipelines > 1:
+            x, *rest = (tf.nest.map_structure(lambda t: t[start:start + per_pipeline], t) for t in (x, *rest))
         return tuple(tf.nest.map_structure(per_replica, t) for t in (task.preprocess(x), *rest))
 
     return prepare, here
@@ -51,6 +55,48 @@ def train_batches(task: Task, *, global_batch: int, seed: int, start_step: int, 
     the same augmented batch. The stored examples are held in memory, which is why they must be light (see
     `Task.load`).
     """
+    pick, finish, replicas = _train_stages(task, global_batch=global_batch, seed=seed, context=context)
+    steps = tf.data.Dataset.range(start_step, total_steps)
+    if task.load is None:  # a batch's whole work in one map: each tf.data stage costs tens of us of CPU a batch
+        batches = steps.map(lambda step: finish(step, pick(step)), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        loaded = steps.map(pick).unbatch().map(task.load, num_parallel_calls=tf.data.AUTOTUNE).batch(
+            global_batch, drop_remainder=True)
+        batches = tf.data.Dataset.zip(steps, loaded).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    return _replica_elements(batches, replicas)
+
+
+class StepBatches:
+    """The batches of `train_batches` (one replica, no `Task.load`) made inside the compiled train step.
+
+    `next()`, traced into the step, advances a step counter and returns `batch_of_step` of it, so no tf.data
+    element is made per step. On a CPU, tf.data's work for a batch (~150-250 us) runs on the same cores as the
+    step and slows it: 5-9% of digits' steps on 2 cores (`bench --suite=cpu`, "input wait"); the few gather
+    and augment ops in the step cost less. Like a dataset's iterator, it can be advanced eagerly too.
+    """
+
+    def __init__(self, batch_of_step: Callable[[tf.Tensor], tuple], start_step: int):
+        self._batch_of_step = batch_of_step
+        self.next_step = tf.Variable(start_step, dtype=tf.int64, trainable=False)
+
+    def __iter__(self) -> StepBatches:
+        return self
+
+    def __next__(self) -> tuple:
+        return self._batch_of_step(self.next_step.assign_add(1) - 1)
+
+
+def step_batches(task: Task, *, global_batch: int, seed: int, start_step: int) -> StepBatches:
+    """The run's training batches from `start_step` on, as `train_batches` makes them for one replica,
+    computed inside the step (`StepBatches`). Only for stored examples that need no `Task.load`."""
+    assert task.load is None, "examples that are loaded (decoded) take the tf.data pipeline, `train_batches`"
+    pick, finish, _ = _train_stages(task, global_batch=global_batch, seed=seed, context=None)
+    return StepBatches(lambda step: finish(step, pick(step)), start_step)
+
+
+def _train_stages(task: Task, *, global_batch: int, seed: int, context: tf.distribute.InputContext | None):
+    """(pick, finish, replicas): `pick(step)` gathers the stored examples of `step`'s global batch; `finish(step,
+    batch)` augments it and makes it this pipeline's, for `replicas` local replicas (see `train_batches`)."""
     n = task.num_examples["train"]
     used = steps_per_epoch(task, global_batch) * global_batch
     stored = next(iter(task.train.batch(n)))  # every stored example, each field a tensor of n rows
@@ -70,14 +116,7 @@ def train_batches(task: Task, *, global_batch: int, seed: int, start_step: int, 
             x = task.augment(x, tf.stack([tf.cast(seed, tf.int64), step]))
         return prepare(x, *rest)
 
-    steps = tf.data.Dataset.range(start_step, total_steps)
-    if task.load is None:  # a batch's whole work in one map: each tf.data stage costs tens of us of CPU a batch
-        batches = steps.map(lambda step: finish(step, pick(step)), num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        loaded = steps.map(pick).unbatch().map(task.load, num_parallel_calls=tf.data.AUTOTUNE).batch(
-            global_batch, drop_remainder=True)
-        batches = tf.data.Dataset.zip(steps, loaded).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
-    return _replica_elements(batches, replicas)
+    return pick, finish, replicas
 
 
 def eval_batches(task: Task, split: str, *, global_batch: int,
