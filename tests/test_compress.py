@@ -308,6 +308,7 @@ def test_bad_pruning_is_one_line_exit_2_before_training(train, tmp_path):
 
 
 STUDENT = ["--config=configs/digits_mlp.py", "--config.model.hidden=(16,)", "--config.train.steps=40",
+           "--config.train.steps_per_execution=1",  # a logged loss every 4 steps: 10
            "--config.optimizer.learning_rate=0.01", "--config.train.log_every_steps=4", "--mode=train"]
 
 
