@@ -230,15 +230,16 @@ def test_the_cpu_bench_times_each_variant_of_a_case_over_the_same_steps():
     """`bench --suite=cpu`'s measurements, in-process on a 2-epoch digits_mlp: kerasbig's loop and fit each train
     the case's 38 steps in 10 executions (4 steps each, ending where the 19-step epochs do) and report positive
     times; in `turns`, kerasbig's loop, the bare step (twice) and the cached bare step each run 10 executions,
-    kerasbig's loop spends part of each step outside the
-    compiled call (and less than half), and the row's ratios are those of the loops' step times."""
+    kerasbig's loop spends part of each step outside the compiled call (and less than half), and the row's ratios
+    are those of the loops' step times."""
     from kerasbig import bench_loop
 
     case = bench_loop.LoopCase("digits_mlp", {"epochs": 2})
     runs = {variant: [bench_loop.measure(variant, case)] for variant in bench_loop.VARIANTS}
     for variant in ("kerasbig", "fit"):
         (run,) = runs[variant]
-        assert (run["steps"], run["executions"]) == (38, 10) and run["seconds"] > 0 and run["step_ms"] > 0, (variant, run)
+        assert (run["steps"], run["executions"]) == (38, 10), (variant, run)
+        assert run["seconds"] > 0 and run["step_ms"] > 0, (variant, run)
         run["first_step_s"] = 1.0
     (turns,) = runs["turns"]
     assert turns["executions"] == {"kerasbig": 10, "bare": 10, "bare_again": 10, "cached": 10}
