@@ -272,7 +272,7 @@ def _bare_steps(trainer: Trainer, train, timer: StepTimes, *, cached: bool) -> N
     iterator = trainer.steps.train_iterator(0, steps)
     if cached and isinstance(iterator, pipeline.StepBatches):  # the batch made once, outside the step
         first = next(iterator)
-        iterator = pipeline.StepBatches(lambda step: first, 0)
+        iterator = pipeline.StepBatches(lambda first_step, steps: tf.zeros([steps]), lambda step, indices: first, 0)
     elif cached:
         iterator = trainer.steps.iterator(lambda context: pipeline.train_batches(
             trainer.task, global_batch=trainer.global_batch, seed=trainer.seed, start_step=0, total_steps=steps,

@@ -8,6 +8,7 @@ on one device, Mirrored, MultiWorkerMirrored and TPU strategies.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import keras
@@ -167,9 +168,12 @@ class TensorFlowSteps:
             def step_and_vote(x, y, sigterm):
                 return tf.concat([step(x, y), [sigterm]], 0)
 
+            # One CPU replica's batches are made here: their example indices for all `steps` at once.
+            next_batch = (iterator.execution(steps) if isinstance(iterator, pipeline.StepBatches)
+                          else functools.partial(next, iterator))
             totals = tf.zeros([4])
             for _ in tf.range(steps):
-                x, y = next(iterator)
+                x, y = next_batch()
                 with self._rate_evaluated_once():
                     totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM,
                                                    self.strategy.run(step_and_vote, (x, y, sigterm)), None)

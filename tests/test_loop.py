@@ -143,13 +143,19 @@ def test_a_resumed_stream_continues_with_the_same_batches(tmp_path):
 @pytest.mark.parametrize("augment", [False, True])
 def test_batches_made_inside_the_step_are_the_pipelines_batches(augment):
     """One CPU replica's batches, made in the compiled step from a step counter (`StepBatches`), are the tf.data
-    pipeline's, value for value, from a resume mid-epoch across two reshuffles, in a tf.function and eagerly."""
+    pipeline's, value for value, from a resume mid-epoch across two reshuffles: eagerly, in a tf.function, and
+    three steps at a time with their indices drawn at once (`execution`), across the ends of epochs."""
     task = load_digits(augment=augment)  # 1,257 examples: 4 steps of 256 an epoch
     stream = dict(global_batch=256, seed=3)
     expected = list(pipeline.train_batches(task, start_step=2, total_steps=11, **stream))
     in_step = pipeline.step_batches(task, start_step=2, **stream)
     traced = tf.function(lambda: next(in_step))
-    made = [traced() if k % 3 else next(in_step) for k in range(9)]
+
+    @tf.function
+    def three_steps():
+        next_batch = in_step.execution(3)
+        return [next_batch() for _ in range(3)]
+    made = [next(in_step), *three_steps(), traced(), *three_steps(), next(in_step)]  # steps 2, 3-5, 6, 7-9, 10
     assert len(expected) == len(made) == 9 and int(in_step.next_step.numpy()) == 11
     for (x, y), (made_x, made_y) in zip(expected, made):
         np.testing.assert_array_equal(x.numpy(), made_x.numpy())

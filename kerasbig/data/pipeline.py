@@ -16,6 +16,7 @@ from typing import Callable
 import tensorflow as tf
 
 from kerasbig.data.spec import Task
+from kerasbig.data.windows import SEED_PAD
 
 
 def _local_batch(task: Task, global_batch: int, context: tf.distribute.InputContext | None):
@@ -55,12 +56,13 @@ def train_batches(task: Task, *, global_batch: int, seed: int, start_step: int, 
     the same augmented batch. The stored examples are held in memory, which is why they must be light (see
     `Task.load`).
     """
-    pick, finish, replicas = _train_stages(task, global_batch=global_batch, seed=seed, context=context)
+    shuffled, pick, finish, replicas = _train_stages(task, global_batch=global_batch, seed=seed, context=context)
     steps = tf.data.Dataset.range(start_step, total_steps)
+    picked = lambda step: pick(shuffled(step, 1)[0])
     if task.load is None:  # a batch's whole work in one map: each tf.data stage costs tens of us of CPU a batch
-        batches = steps.map(lambda step: finish(step, pick(step)), num_parallel_calls=tf.data.AUTOTUNE)
+        batches = steps.map(lambda step: finish(step, picked(step)), num_parallel_calls=tf.data.AUTOTUNE)
     else:
-        loaded = steps.map(pick).unbatch().map(task.load, num_parallel_calls=tf.data.AUTOTUNE).batch(
+        loaded = steps.map(picked).unbatch().map(task.load, num_parallel_calls=tf.data.AUTOTUNE).batch(
             global_batch, drop_remainder=True)
         batches = tf.data.Dataset.zip(steps, loaded).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
     return _replica_elements(batches, replicas)
@@ -69,45 +71,68 @@ def train_batches(task: Task, *, global_batch: int, seed: int, start_step: int, 
 class StepBatches:
     """The batches of `train_batches` (one replica, no `Task.load`) made inside the compiled train step.
 
-    `next()`, traced into the step, advances a step counter and returns `batch_of_step` of it, so no tf.data
+    `next()`, traced into the step, advances a step counter and returns the batch of that step, so no tf.data
     element is made per step. On a CPU, tf.data's work for a batch (~150-250 us) runs on the same cores as the
-    step and slows it: 5-9% of digits' steps on 2 cores (`bench --suite=cpu`, "input wait"); the batch's ops in
-    the step cost ~30 us (digits_mlp) to ~60 us (digits_cnn). Like a dataset's iterator, it can be advanced
-    eagerly too.
+    step and slows it: 5-9% of digits' steps on 2 cores (`bench --suite=cpu`, "input wait"). A compiled call of
+    several steps takes its `next` from `execution(steps)`, which draws the example indices of all its steps in
+    one index shuffle, off the chain of ops from each step's counter to the model's input. digits_cnn, 4 steps a
+    call, alternating in one process: 5.71 and 5.80 ms a step against 6.04 and 6.01 ms with a shuffle per step
+    (one batch cached: 5.73 and 5.72 ms); digits_mlp's ~0.77 ms step is level either way. Like a dataset's
+    iterator, it can be advanced eagerly too.
     """
 
-    def __init__(self, batch_of_step: Callable[[tf.Tensor], tuple], start_step: int):
-        self._batch_of_step = batch_of_step
+    def __init__(self, shuffled: Callable[[tf.Tensor, int | tf.Tensor], tf.Tensor],
+                 batch_of: Callable[[tf.Tensor, tf.Tensor], tuple], start_step: int):
+        """`shuffled(first_step, steps)`: the example indices of those steps' batches, [steps, global batch];
+        `batch_of(step, indices)`: the batch of `step` from its example indices."""
+        self._shuffled, self._batch_of = shuffled, batch_of
         self.next_step = tf.Variable(start_step, dtype=tf.int64, trainable=False)
 
     def __iter__(self) -> StepBatches:
         return self
 
     def __next__(self) -> tuple:
-        return self._batch_of_step(self.next_step.assign_add(1) - 1)
+        return self.execution(1)()
+
+    def execution(self, steps: int | tf.Tensor) -> Callable[[], tuple]:
+        """`next` for the following `steps` steps (no more), their example indices drawn at once."""
+        first = self.next_step.read_value()
+        indices = self._shuffled(first, steps)
+
+        def next_batch() -> tuple:
+            step = self.next_step.assign_add(1) - 1
+            return self._batch_of(step, indices[step - first])
+        return next_batch
 
 
 def step_batches(task: Task, *, global_batch: int, seed: int, start_step: int) -> StepBatches:
     """The run's training batches from `start_step` on, as `train_batches` makes them for one replica,
     computed inside the step (`StepBatches`). Only for stored examples that need no `Task.load`."""
     assert task.load is None, "examples that are loaded (decoded) take the tf.data pipeline, `train_batches`"
-    pick, finish, _ = _train_stages(task, global_batch=global_batch, seed=seed, context=None)
-    return StepBatches(lambda step: finish(step, pick(step)), start_step)
+    shuffled, pick, finish, _ = _train_stages(task, global_batch=global_batch, seed=seed, context=None)
+    return StepBatches(shuffled, lambda step, indices: finish(step, pick(indices)), start_step)
 
 
 def _train_stages(task: Task, *, global_batch: int, seed: int, context: tf.distribute.InputContext | None):
-    """(pick, finish, replicas): `pick(step)` gathers the stored examples of `step`'s global batch; `finish(step,
-    batch)` augments it and makes it this pipeline's, for `replicas` local replicas (see `train_batches`)."""
+    """(shuffled, pick, finish, replicas): `shuffled(first_step, steps)` are the indices of the stored examples in
+    the global batches of `steps` steps from `first_step`, [steps, global_batch]; `pick(indices)` gathers those
+    examples; `finish(step, batch)` augments `step`'s global batch and makes it this pipeline's, for `replicas`
+    local replicas (see `train_batches`)."""
     n = task.num_examples["train"]
     used = steps_per_epoch(task, global_batch) * global_batch
     stored = next(iter(task.train.batch(n)))  # every stored example, each field a tensor of n rows
     prepare, replicas = _local_batch(task, global_batch, context)
 
-    def pick(step):
-        """The stored examples of `step`'s global batch; a batch never straddles two epochs."""
-        counters = step * global_batch + tf.range(global_batch, dtype=tf.int64)
-        indices = tf.random.experimental.index_shuffle(
-            counters % used, tf.stack([tf.cast(seed, tf.int64), counters[0] // used]), tf.constant(n - 1, tf.int64))
+    def shuffled(first_step, steps):
+        """Example k of the run is `index_shuffle(k mod used)` of epoch k // used: a batch never straddles two.
+        The raw op, since `index_shuffle` cannot take a seed per index (it pads an [n, 2] seed's first axis)."""
+        counters = first_step * global_batch + tf.range(steps * global_batch, dtype=tf.int64)
+        fill = lambda value: tf.fill(tf.shape(counters), tf.constant(value, tf.int64))
+        indices = tf.raw_ops.RandomIndexShuffle(index=counters % used, seed=tf.stack(
+            [fill(SEED_PAD), fill(seed), counters // used], axis=1), max_index=tf.constant(n - 1, tf.int64), rounds=4)
+        return tf.reshape(indices, [steps, global_batch])  # a static batch size, as the model's input needs
+
+    def pick(indices):
         return tf.nest.map_structure(lambda t: tf.gather(t, indices), stored)
 
     def finish(step, batch):
@@ -117,7 +142,7 @@ def _train_stages(task: Task, *, global_batch: int, seed: int, context: tf.distr
             x = task.augment(x, tf.stack([tf.cast(seed, tf.int64), step]))
         return prepare(x, *rest)
 
-    return pick, finish, replicas
+    return shuffled, pick, finish, replicas
 
 
 def eval_batches(task: Task, split: str, *, global_batch: int,

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 # tf.random.experimental.index_shuffle pads a [2] seed to the [3] key of its kernel with this constant.
-_SEED_PAD = 498247692
+SEED_PAD = 498247692
 _MIN_BLOCK_BITS = 16  # the kernel's smallest Simon block
 
 
@@ -43,7 +43,7 @@ def index_shuffle(index: np.ndarray, seed: tuple[int, int], max_index: int) -> n
     def simon(x):
         return (rotate_left(x, 1) & rotate_left(x, 8)) ^ rotate_left(x, 2)
 
-    keys = [np.uint64(k & 0xFFFFFFFF) & mask for k in (_SEED_PAD, int(seed[0]), int(seed[1]))]
+    keys = [np.uint64(k & 0xFFFFFFFF) & mask for k in (SEED_PAD, int(seed[0]), int(seed[1]))]
     constant, z = np.uint64(0xFFFFFFFC) & mask, np.uint64(0x7369F885192C0EF5) & mask
     keys.append(constant ^ (z & np.uint64(1)) ^ keys[0] ^ rotate_right(keys[2], 3) ^ rotate_right(keys[2], 4))
     out, walking = index.copy(), np.ones(index.shape, bool)
