@@ -44,6 +44,7 @@ class TensorFlowSteps:
         # sum them a second time.
         getattr(optimizer, "inner_optimizer", optimizer)._all_reduce_sum_gradients = _already_reduced
         self._train_fn = self._make_train_function()
+        self._train_trace: tuple[object, tf.types.experimental.ConcreteFunction] | None = None
         self._eval_fn = self._make_eval_function()
         self._all_finite = self._make_finite_check()
         self._eval_iterators: dict[tuple[str, int], Iterator] = {}
@@ -75,7 +76,15 @@ class TensorFlowSteps:
 
     def train(self, iterator, steps: int, sigterm: bool) -> np.ndarray:
         """Runs `steps` steps: summed (loss, correct, count), replicas voting SIGTERM, the next learning rate."""
-        return self._train_fn(iterator, *self._arguments(steps, sigterm)).numpy()
+        return self._trace_for(iterator)(iterator, *self._arguments(steps, sigterm)).numpy()
+
+    def _trace_for(self, iterator) -> tf.types.experimental.ConcreteFunction:
+        """The train function's trace for `iterator` (the run's one), called directly: tf.function's own
+        dispatch, which matches the arguments to a trace on every call, cost ~0.3 ms a call on this 2-core
+        machine (digits_mlp's 4-step call: 2.96 ms against 3.27 ms, alternating in one process)."""
+        if self._train_trace is None or self._train_trace[0] is not iterator:
+            self._train_trace = iterator, self._train_fn.get_concrete_function(iterator, *self._arguments(1, False))
+        return self._train_trace[1]
 
     def _arguments(self, steps: int, sigterm: bool) -> tuple[tf.Tensor, tf.Tensor]:
         """The train function's tensor arguments, made once each: making two costs ~17 us, 1% of a 2 ms step."""

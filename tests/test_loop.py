@@ -127,6 +127,16 @@ def test_each_training_iterator_traces_a_compiled_step_of_its_own():
     assert turns["executions"] == {loop: 5 for loop in bench_loop.LOOPS}  # 19 steps, 4 an execution
 
 
+def test_training_calls_the_trace_of_the_iterator_it_is_given(tmp_path):
+    """`TensorFlowSteps.train` calls the train function's trace directly, remembering the last iterator's: two
+    iterators taking turns each advance their own stream, and the optimizer counts every step."""
+    steps = trainer(digits_config(steps=20), tmp_path).steps
+    first, second = steps.train_iterator(0, 20), steps.train_iterator(10, 20)
+    for iterator, count in ((first, 2), (second, 3), (first, 1), (second, 2)):
+        steps.train(iterator, count, False)
+    assert (int(first.next_step.numpy()), int(second.next_step.numpy()), steps.step()) == (3, 15, 8)
+
+
 def test_a_resumed_stream_continues_with_the_same_batches(tmp_path):
     """The stream from step k is the tail of the stream from step 0, across epoch boundaries and reshuffles."""
     task = load_digits(augment=True)
