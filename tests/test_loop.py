@@ -117,6 +117,23 @@ def test_executions_read_nothing_back_but_their_sums_and_evaluate_the_schedule_o
     assert state["complete"] and sorted(checkpoint_weights(tmp_path)) == sorted(v.path for v in run.model.variables)
 
 
+def test_batch_hooks_reach_every_callback_that_has_them(tmp_path):
+    """The loop calls only the batch hooks that do something, its own way: those a Callback subclass overrides and
+    a LambdaCallback's, with the batch index (in the epoch) of the execution's first and last step, and at its end
+    the logs."""
+    seen = []
+
+    class Begins(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append(("begin", batch))
+
+    ends = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(("end", batch, logs)))
+    trainer(digits_config(steps=6, steps_per_execution=4), tmp_path).fit([Begins(), ends], verbose=False)
+    # 4-step epochs: each execution is one epoch here, its batches counted from the epoch's start
+    assert [event[:2] for event in seen] == [("begin", 0), ("end", 3), ("begin", 0), ("end", 1)]
+    assert all(event[2]["learning_rate"] > 0 and event[2]["loss"] > 0 for event in seen if event[0] == "end")
+
+
 def test_each_training_iterator_traces_a_compiled_step_of_its_own():
     """An iterator of batches made in the step traces the train function anew (the bench's four loops make four).
     Its XLA-compiled step captures the learning rate that trace evaluated, so each trace makes its own: a step
