@@ -6,19 +6,22 @@ stream), with the same optimizer, schedule, batch, steps and validation cadence,
   checkpoints, as `python -m kerasbig.train` runs it;
 - `fit`: `model.compile` + `model.fit(steps_per_epoch=..., validation_data=...)` with the same schedule as the
   optimizer's learning rate;
-- `turns`: four loops in one process on one model, taking turns period by period (a turn is one epoch of steps
+- `turns`: five loops in one process on one model, taking turns period by period (a turn is one epoch of steps
   and the work that ends it): kerasbig's loop as above; the bare step, kerasbig's own compiled multi-step call
-  in a plain loop (no callbacks, validation or checkpoints) with an input iterator of its own, which is the
-  floor; the same bare loop again; and the bare step on one batch repeated from memory, the step without its
-  input pipeline. On this machine a step's speed drifts by up to 2x between seconds, and two copies of a model
-  run a few percent apart in any process, so loops in separate processes, one after another or on copies
-  cannot be compared to a few percent. Taking turns on the same variables and the same compiled function, the
-  four differ only in their loops and inputs. (They all train the one model, so it takes 4x the steps: the
-  numbers are not a run's, the step's cost is.) `bare again / bare`, two identical loops, is the method's
-  resolution: each loop still runs at a speed of its own, a few percent apart, so the floor is the mean of the
-  two. `kerasbig / bare` is what the loop adds to a step; `input wait`, 1 - cached / bare, is what making the
-  input costs it: one CPU replica's batch ops inside the step, or on several replicas the tf.data pipeline's
-  CPU, which on 2 cores is taken from the step's. The suite gives their medians and ranges over processes.
+  on kerasbig's own input iterator in a plain loop (no callbacks, validation or checkpoints), which is the
+  floor; the same bare loop again; the bare step on the run's batches made before the loop (`ready`: each step
+  only takes its batch from memory); and the bare step on one batch repeated from memory (`cached`). On this
+  machine a step's speed drifts by up to 2x between seconds, two copies of a model run a few percent apart in
+  any process, and so do two traces of one function, so loops in separate processes, one after another or on
+  copies cannot be compared to a few percent. Taking turns on the same variables, kerasbig's loop and the bare
+  ones calling the same trace on the same iterator, they differ only in their loops and inputs. (They all train
+  the one model, so it takes 5x the steps: the numbers are not a run's, the step's cost is.) `bare again /
+  bare`, two identical loops, is the method's resolution, so the floor is the mean of the two. `kerasbig /
+  bare` is what the loop adds to a step. `input wait`, 1 - ready / bare, is what making the input costs the step
+  beyond taking a made batch: one CPU replica's batch ops inside the step, or on several replicas the tf.data
+  pipeline's CPU, which on 2 cores is taken from the step's. `one batch`, 1 - cached / bare, also counts what a
+  step pays for a batch that changes from step to step at all: a repeated batch is the same tensor every step,
+  which no training run has. The suite gives their medians and ranges over processes.
 `kerasbig` and `fit` report the training call's seconds, the median step time of the executions after the first
 (inside `on_train_batch_begin`..`end`) and the seconds from process start to the end of the first step
 (start-up, tracing, compilation). `turns` reports each loop's median step time and, for kerasbig's loop, the
@@ -53,7 +56,7 @@ from kerasbig.train import CONFIGS, make_callbacks, make_optimizer, schedule_of
 from kerasbig.trainer import Trainer
 
 VARIANTS = ("kerasbig", "fit", "turns")
-LOOPS = ("kerasbig", "bare", "bare_again", "cached")  # the loops that take turns
+LOOPS = ("kerasbig", "bare", "bare_again", "ready", "cached")  # the loops that take turns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,13 +205,19 @@ def _step_ms(timer: StepTimes, config) -> float:
 
 
 def measure_turns(case: LoopCase) -> dict:
-    """kerasbig's loop, the bare step (twice) and the bare step on a cached batch, taking turns in this process on
-    one model: the bare loops call kerasbig's own compiled step, each with its own input iterator."""
+    """kerasbig's loop, the bare step (twice), on made batches and on a cached batch, taking turns in this process
+    on one model: the bare loops call kerasbig's own compiled step, and the two bare loops on kerasbig's own
+    input iterator too."""
     config, strategy, task = _setup(case)
     turns, errors, calls = Turns(LOOPS), [], []
     timers = {name: TurnTimes(turns, name) for name in LOOPS}
     with tempfile.TemporaryDirectory() as workdir:
         trainer = _trainer(config, strategy, task, workdir)
+        inputs = {name: _floor_input(trainer, name) for name in ("ready", "cached")}
+        # kerasbig's loop and both bare loops draw their batches from one iterator, so they call one trace of the
+        # compiled step: two traces of the same function run up to a few percent apart here.
+        inputs["bare"] = inputs["bare_again"] = shared = trainer.steps.train_iterator(0, 3 * trainer.total_steps)
+        trainer.steps.train_iterator = lambda start_step, total_steps: shared  # kerasbig's
         train = trainer.steps.train
         trainer.steps.train = _timed(train, calls)  # kerasbig's calls only
 
@@ -217,8 +226,8 @@ def measure_turns(case: LoopCase) -> dict:
                 turns.wait(name)
                 if name == "kerasbig":
                     _kerasbig(trainer, timers[name], case.replicas)
-                else:  # "bare", "bare_again", "cached"
-                    _bare_steps(trainer, train, timers[name], cached=name == "cached")
+                else:
+                    _bare_steps(trainer, train, timers[name], inputs[name])
             except BaseException as err:  # noqa: BLE001 - raised again below, on the main thread
                 errors.append(err)
             finally:
@@ -228,12 +237,14 @@ def measure_turns(case: LoopCase) -> dict:
             thread.start()
         for thread in threads:
             thread.join()
+        traces = trainer.steps.train_traces()
     if errors:
         raise errors[0]
     spans = timers["kerasbig"].spans
     return {**{f"{name}_ms": _step_ms(timers[name], config) for name in LOOPS},
             "outside_step": statistics.median(1 - call / span for call, span in zip(calls[1:], spans[1:])),
-            "executions": {name: len(timer.spans) for name, timer in timers.items()}, "turns": turns.taken}
+            "executions": {name: len(timer.spans) for name, timer in timers.items()}, "turns": turns.taken,
+            "traces": traces}
 
 
 def _timed(function, durations: list):
@@ -264,19 +275,34 @@ def _fit(trainer: Trainer, timer: StepTimes) -> None:
               callbacks=[timer], verbose=0)
 
 
-def _bare_steps(trainer: Trainer, train, timer: StepTimes, *, cached: bool) -> None:
-    """`train` (the trainer's `steps.train`) called in a plain loop over the trainer's steps and periods, on an
-    iterator like kerasbig's own, or on its first batch repeated from memory. The learning-rate schedule is the
-    one kerasbig's loop installed: it takes the first turn."""
-    steps, spe = trainer.total_steps, trainer.config.train.steps_per_execution
+def _floor_input(trainer: Trainer, loop: str):
+    """The input iterator of a floor, held in memory: the run's batches made before the loop ("ready"), or its
+    first batch repeated ("cached")."""
+    steps = trainer.total_steps
     iterator = trainer.steps.train_iterator(0, steps)
-    if cached and isinstance(iterator, pipeline.StepBatches):  # the batch made once, outside the step
-        first = next(iterator)
-        iterator = pipeline.StepBatches(lambda first_step, steps: tf.zeros([steps]), lambda step, indices: first, 0)
-    elif cached:
-        iterator = trainer.steps.iterator(lambda context: pipeline.train_batches(
-            trainer.task, global_batch=trainer.global_batch, seed=trainer.seed, start_step=0, total_steps=steps,
-            context=context).take(1).cache().repeat())
+    if isinstance(iterator, pipeline.StepBatches):  # batches made inside the step: take them from memory instead
+        made = [next(iterator) for _ in range(1 if loop == "cached" else steps)]
+        if loop == "cached":
+            return pipeline.StepBatches(lambda first_step, steps: tf.zeros([steps]), lambda step, indices: made[0], 0)
+        made = tf.nest.map_structure(lambda *batches: tf.stack(batches), *made)
+        return pipeline.StepBatches(lambda first_step, steps: tf.zeros([steps]),
+                                    lambda step, indices: tf.nest.map_structure(lambda t: tf.gather(t, step), made), 0)
+
+    def dataset_fn(context):  # tf.data reading from its in-memory cache, filled below
+        batches = pipeline.train_batches(trainer.task, global_batch=trainer.global_batch, seed=trainer.seed,
+                                         start_step=0, total_steps=steps, context=context)
+        return (batches.take(1) if loop == "cached" else batches).cache().repeat()
+    datasets = trainer.steps.datasets(dataset_fn)
+    filling = iter(datasets)
+    for _ in range(1 if loop == "cached" else steps):
+        next(filling)
+    return iter(datasets)
+
+
+def _bare_steps(trainer: Trainer, train, timer: StepTimes, iterator) -> None:
+    """`train` (the trainer's `steps.train`) called in a plain loop over the trainer's steps and periods, on
+    `iterator`. The learning-rate schedule is the one kerasbig's loop installed: it takes the first turn."""
+    steps, spe = trainer.total_steps, trainer.config.train.steps_per_execution
     done = 0
     while done < steps:
         if done % trainer.period == 0:
@@ -330,10 +356,12 @@ def _row(name: str, runs: dict[str, list[dict]]) -> dict:
         "spread": f"{max(spread('kerasbig', 'seconds'), spread('fit', 'seconds')):.0%}",
         "step ms: kerasbig": median("kerasbig", "step_ms"), "fit": median("fit", "step_ms"),
         "turns: kerasbig": median("turns", "kerasbig_ms"), "bare": median("turns", "bare_ms"),
-        "bare again": median("turns", "bare_again_ms"),
+        "bare again": median("turns", "bare_again_ms"), "ready": median("turns", "ready_ms"),
+        "cached": median("turns", "cached_ms"),
         "bare again / bare": per_process(lambda run: run["bare_again_ms"] / run["bare_ms"], ".3f"),
         "kerasbig / bare": per_process(lambda run: run["kerasbig_ms"] / floor(run), ".3f"),
-        "input wait": per_process(lambda run: 1 - run["cached_ms"] / floor(run), ".1%"),
+        "input wait": per_process(lambda run: 1 - run["ready_ms"] / floor(run), ".1%"),
+        "one batch": per_process(lambda run: 1 - run["cached_ms"] / floor(run), ".1%"),
         "loop outside step": f"{median('turns', 'outside_step'):.1%}",
         "first step (s)": median("kerasbig", "first_step_s"), "fit first step (s)": median("fit", "first_step_s"),
     }

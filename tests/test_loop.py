@@ -135,7 +135,7 @@ def test_batch_hooks_reach_every_callback_that_has_them(tmp_path):
 
 
 def test_each_training_iterator_traces_a_compiled_step_of_its_own():
-    """An iterator of batches made in the step traces the train function anew (the bench's four loops make four).
+    """An iterator of batches made in the step traces the train function anew (the bench's loops make three).
     Its XLA-compiled step captures the learning rate that trace evaluated, so each trace makes its own: a step
     shared with an earlier trace reads a tensor of that trace's graph ("out of scope") and cannot run."""
     from kerasbig import bench_loop
@@ -262,9 +262,10 @@ def test_evaluations_reuse_one_iterator_and_a_pass_cut_short_does_not_shift_the_
 def test_the_cpu_bench_times_each_variant_of_a_case_over_the_same_steps():
     """`bench --suite=cpu`'s measurements, in-process on a 2-epoch digits_mlp: kerasbig's loop and fit each train
     the case's 38 steps in 10 executions (4 steps each, ending where the 19-step epochs do) and report positive
-    times; in `turns`, kerasbig's loop, the bare step (twice) and the cached bare step each run 10 executions,
-    kerasbig's loop spends part of each step outside the compiled call (and less than half), and the row's ratios
-    are those of the loops' step times."""
+    times; in `turns`, kerasbig's loop, the bare step (twice), on made batches and on a cached batch each run 10
+    executions on three traces of the step (kerasbig's and the bare loops' share one), kerasbig's loop spends part
+    of each step outside the compiled call (and less than half), and the row's ratios are those of the loops' step
+    times."""
     from kerasbig import bench_loop
 
     case = bench_loop.LoopCase("digits_mlp", {"epochs": 2})
@@ -275,16 +276,36 @@ def test_the_cpu_bench_times_each_variant_of_a_case_over_the_same_steps():
         assert run["seconds"] > 0 and run["step_ms"] > 0, (variant, run)
         run["first_step_s"] = 1.0
     (turns,) = runs["turns"]
-    assert turns["executions"] == {"kerasbig": 10, "bare": 10, "bare_again": 10, "cached": 10}
-    assert turns["turns"] == {"kerasbig": 2, "bare": 2, "bare_again": 2, "cached": 2}  # one an epoch
+    assert turns["executions"] == {"kerasbig": 10, "bare": 10, "bare_again": 10, "ready": 10, "cached": 10}
+    assert turns["turns"] == {"kerasbig": 2, "bare": 2, "bare_again": 2, "ready": 2, "cached": 2}  # one an epoch
+    assert turns["traces"] == 3
     assert all(turns[f"{loop}_ms"] > 0 for loop in bench_loop.LOOPS) and 0 < turns["outside_step"] < 0.5
     row = bench_loop._row("digits_mlp", runs)
     floor = (turns["bare_ms"] + turns["bare_again_ms"]) / 2
-    ratio, wait = turns["kerasbig_ms"] / floor, 1 - turns["cached_ms"] / floor
+    ratio, wait, one = turns["kerasbig_ms"] / floor, 1 - turns["ready_ms"] / floor, 1 - turns["cached_ms"] / floor
     again = turns["bare_again_ms"] / turns["bare_ms"]
     assert row["kerasbig / bare"] == f"{ratio:.3f} ({ratio:.3f} to {ratio:.3f})"  # one process: its own range
     assert row["bare again / bare"] == f"{again:.3f} ({again:.3f} to {again:.3f})"
     assert row["input wait"] == f"{wait:.1%} ({wait:.1%} to {wait:.1%})" and row["steps"] == 38
+    assert row["one batch"] == f"{one:.1%} ({one:.1%} to {one:.1%})"
+
+
+@pytest.mark.parametrize("in_step", [True, False])
+def test_the_cpu_bench_floors_take_the_runs_batches_from_memory(tmp_path, monkeypatch, in_step):
+    """The floors' inputs: `ready` gives the run's own batches, step by step, and `cached` its first batch every
+    step; both from memory, whether the batches are made in the step or by tf.data."""
+    from kerasbig import bench_loop
+
+    run = trainer(digits_config(steps=6), tmp_path)
+    monkeypatch.setattr(run.steps, "_one_cpu_replica", in_step)
+    stream = run.steps.train_iterator(0, 6)
+    expected = [next(stream) for _ in range(6)]
+    ready, cached = (bench_loop._floor_input(run, loop) for loop in ("ready", "cached"))
+    assert isinstance(ready, pipeline.StepBatches) == in_step
+    for step in range(6):
+        for made, want in ((next(ready), expected[step]), (next(cached), expected[0])):
+            for a, b in zip(made, want):
+                np.testing.assert_array_equal(a, b)
 
 
 def test_the_cpu_bench_loops_take_turns_one_at_a_time_in_rounds_of_changing_order():
