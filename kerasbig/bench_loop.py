@@ -281,12 +281,13 @@ def _floor_input(trainer: Trainer, loop: str):
     steps = trainer.total_steps
     iterator = trainer.steps.train_iterator(0, steps)
     if isinstance(iterator, pipeline.StepBatches):  # batches made inside the step: take them from memory instead
-        made = [next(iterator) for _ in range(1 if loop == "cached" else steps)]
+        no_indices = lambda first_step, steps: tf.zeros([steps])
         if loop == "cached":
-            return pipeline.StepBatches(lambda first_step, steps: tf.zeros([steps]), lambda step, indices: made[0], 0)
-        made = tf.nest.map_structure(lambda *batches: tf.stack(batches), *made)
-        return pipeline.StepBatches(lambda first_step, steps: tf.zeros([steps]),
-                                    lambda step, indices: tf.nest.map_structure(lambda t: tf.gather(t, step), made), 0)
+            first = next(iterator)
+            return pipeline.StepBatches(no_indices, lambda step, indices: first, 0)
+        made = tf.nest.map_structure(lambda *batches: tf.stack(batches), *[next(iterator) for _ in range(steps)])
+        return pipeline.StepBatches(
+            no_indices, lambda step, indices: tf.nest.map_structure(lambda t: tf.gather(t, step), made), 0)
 
     def dataset_fn(context):  # tf.data reading from its in-memory cache, filled below
         batches = pipeline.train_batches(trainer.task, global_batch=trainer.global_batch, seed=trainer.seed,
